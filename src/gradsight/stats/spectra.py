@@ -1,0 +1,96 @@
+"""Spectral statistics of per-example, per-layer gradients.
+
+For a gradient matrix with singular values s_1 >= ... >= s_r >= 0:
+
+    frobenius    sqrt(sum s_i^2)
+    nuclear      sum s_i                               (Li, Li, Zhou, ACL 2025)
+    spectral     s_1
+    sigma1_ratio s_1 / sum s_i                         (in (0, 1]; 1 = rank one)
+    erank        exp(-sum p_i ln p_i), p_i = s_i / sum s_j   (Roy & Vetterli 2007; "sv" weights, as the
+                 data-quality paper's code); weights="energy" uses p_i = s_i^2 / sum s_j^2
+    stable_rank  sum s_i^2 / s_1^2
+
+All in float64. A zero gradient has undefined ratios: sigma1_ratio, erank and stable_rank are NaN there
+(and the pipeline flags the example).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ..capture.base import DenseGrad, FactoredGrad
+
+__all__ = ["METRICS", "spectral_stats", "batch_spectra"]
+
+METRICS = ("frobenius", "nuclear", "spectral", "sigma1_ratio", "erank", "stable_rank")
+
+
+def spectral_stats(s: torch.Tensor, erank_weights: str = "sv", rel_tol: float = 0.0) -> dict[str, torch.Tensor]:
+    """Statistics from singular values.
+
+    Args:
+        s: (B, k) singular values (any order, zero padded), float64 preferred.
+        erank_weights: "sv" (p_i proportional to s_i) or "energy" (to s_i^2).
+        rel_tol: drop s_i < rel_tol * s_1 before the ratios (0 keeps all, the reproduction default).
+
+    Returns:
+        {metric: (B,) float64}.
+    """
+    s = s.double().clamp_min(0)
+    s1 = s.max(dim=-1).values  # (B,)
+    if rel_tol > 0:
+        s = torch.where(s >= rel_tol * s1.unsqueeze(-1), s, torch.zeros_like(s))
+    nuc = s.sum(-1)
+    sq = s.pow(2).sum(-1)
+    if erank_weights == "sv":
+        w = s
+    elif erank_weights == "energy":
+        w = s.pow(2)
+    else:
+        raise ValueError(f"unknown erank_weights {erank_weights!r}; expected 'sv' or 'energy'")
+    p = w / w.sum(-1, keepdim=True)  # NaN rows for a zero gradient
+    ent = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(-1)
+    ent = torch.where(nuc > 0, ent, torch.full_like(ent, float("nan")))
+    nan = torch.full_like(nuc, float("nan"))
+    return {
+        "frobenius": sq.sqrt(),
+        "nuclear": nuc,
+        "spectral": s1,
+        "sigma1_ratio": torch.where(nuc > 0, s1 / nuc, nan),
+        "erank": ent.exp(),
+        "stable_rank": torch.where(s1 > 0, sq / s1.pow(2), nan),
+    }
+
+
+def batch_spectra(grads: Mapping[str, FactoredGrad | DenseGrad], route: str = "auto",
+                  erank_weights: str = "sv", rel_tol: float = 0.0) -> dict[str, dict[str, torch.Tensor]]:
+    """{layer: {metric: (B,)}} for one captured batch.
+
+    Layers that read the same input tensor (q/k/v, gate/up) share one Cholesky factor of K_a = A A^T.
+    Vector parameters (DenseGrad of a 1-D weight) get only the Frobenius norm.
+    """
+    factors: dict[tuple, torch.Tensor] = {}
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, g in grads.items():
+        if isinstance(g, DenseGrad) and g.g.dim() == 2:
+            out[name] = {"frobenius": g.sq_norms().sqrt()}
+            continue
+        L_a = None
+        if isinstance(g, FactoredGrad) and route != "dense":
+            T, d_in, d_out = g.A.shape[1], g.A.shape[-1], g.G.shape[-1]
+            from .. import linalg
+
+            if route == "gram" or linalg.prefer_gram_route(T, d_in, d_out):
+                key = (g.A.data_ptr(), tuple(g.A.shape), g.A.stride())
+                if key not in factors:
+                    factors[key] = linalg._sym_sqrt_factor(g.K_a(), g.tokens)
+                L_a = factors[key]
+                s = g.singular_values(L_a=L_a, route="gram")
+            else:
+                s = g.singular_values(route="dense")
+        else:
+            s = g.singular_values(route=route)
+        out[name] = spectral_stats(s, erank_weights, rel_tol)
+    return out
