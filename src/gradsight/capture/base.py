@@ -111,6 +111,14 @@ class FactoredGrad:
         M = G.transpose(-1, -2) @ A  # (B, d_out, d_in)
         return M.transpose(-1, -2) if self.transposed else M
 
+    def zero_examples(self, rows: list[int]) -> None:
+        """Replace the factors of the given batch positions by zeros (e.g. non-finite ones, to be skipped)."""
+        if rows:
+            self.A, self.G = self.A.clone(), self.G.clone()
+            self.A[rows] = 0
+            self.G[rows] = 0
+            self._cache.clear()
+
     def finite(self) -> torch.Tensor:
         """(B,) bool: the example's factors are all finite."""
         ok_a = torch.isfinite(self._masked(self.A)).flatten(1).all(1)
@@ -150,6 +158,11 @@ class DenseGrad:
 
     def materialize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.g if dtype is None else self.g.to(dtype)
+
+    def zero_examples(self, rows: list[int]) -> None:
+        if rows:
+            self.g = self.g.clone()
+            self.g[rows] = 0
 
     def finite(self) -> torch.Tensor:
         return torch.isfinite(self.g).flatten(1).all(1)

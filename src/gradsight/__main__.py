@@ -1,0 +1,5 @@
+"""`python -m gradsight` (also what torchrun launches: torchrun ... -m gradsight layers ...)."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,36 @@
+"""`gradsight report RUN`: recompute the group comparison of a run and write report.html."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def report(
+    run: Path = typer.Argument(..., help="run directory written by `gradsight layers` or `gradsight demo`"),
+    reference: Optional[str] = typer.Option(None, help="reference group for relative differences"),
+    n_boot: Optional[int] = typer.Option(None, help="bootstrap resamples (default: the run's)"),
+    n_perm: Optional[int] = typer.Option(None, help="permutations (default: the run's)"),
+    recompute: bool = typer.Option(True, help="recompute summary tables from the layer statistics"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no terminal summary"),
+):
+    """Write RUN/report.html (self-contained) and print a terminal summary."""
+    from ..config import LayersConfig
+    from ..pipeline import summarize_run
+    from ..report import print_summary, render_html
+    from ..store import read_manifest
+
+    manifest = read_manifest(run)
+    if recompute:
+        cfg = LayersConfig.from_dict(manifest["config"])
+        s = cfg.summary
+        s = replace(s, reference=reference if reference is not None else s.reference,
+                    n_boot=n_boot or s.n_boot, n_perm=n_perm or s.n_perm)
+        summarize_run(run, replace(cfg, summary=s))
+    path = render_html(run)
+    if not quiet:
+        print_summary(run)
+    typer.echo(f"report: {path}")

@@ -1,0 +1,119 @@
+"""Options of every analysis as frozen dataclasses (help text in field metadata; saved in the run).
+
+Fields marked `resume=False` do not change per-example results (batching, progress, summary options) and
+may differ when a run is resumed; every other field is part of the run's identity: a rerun into the same
+directory with a different value is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from .data import EncodeOptions
+
+__all__ = ["LayersConfig", "SummaryOptions", "semantic_dict", "config_hash"]
+
+
+def _f(default, help: str, resume: bool = True, **kw):
+    return field(default=default, metadata={"help": help, "resume": resume}, **kw)
+
+
+@dataclass(frozen=True)
+class SummaryOptions:
+    """How groups are compared (recomputed by `gradsight report`; not part of the run's identity)."""
+
+    reference: str | None = _f(None, "reference group for relative differences (default: first group "
+                                     "in sorted order)", resume=False)
+    n_boot: int = _f(1000, "bootstrap resamples for confidence intervals", resume=False)
+    n_perm: int = _f(2000, "label permutations for the group-difference tests", resume=False)
+    ci: float = _f(0.95, "confidence level of the bootstrap intervals", resume=False)
+    bounds: tuple[int, int] | None = _f(None, "early/middle/late block boundaries for segment MAD "
+                                              "(default: the paper's for its depths, else thirds)",
+                                        resume=False)
+
+    def __post_init__(self):
+        if self.n_boot < 10:
+            raise ValueError(f"n_boot must be at least 10, got {self.n_boot}")
+        if self.n_perm < 10:
+            raise ValueError(f"n_perm must be at least 10, got {self.n_perm}")
+        if not 0 < self.ci < 1:
+            raise ValueError(f"ci must be in (0, 1), got {self.ci}")
+
+
+@dataclass(frozen=True)
+class LayersConfig:
+    """Options of `gradsight layers` (per-example, per-layer gradient spectra)."""
+
+    model: str = _f("smollm2-135m-instruct", "model: a HF model directory, a .gguf file, or a packaged name")
+    data: str = _f("", "data: a .jsonl file or a saved Hugging Face dataset directory")
+    split: str = _f("train", "dataset split (HF datasets only)")
+    kinds: tuple[str, ...] = _f((), "layer kinds to analyse, e.g. q,k,v,o (default: every linear layer "
+                                    "inside the transformer blocks)")
+    blocks: str | None = _f(None, "block range, e.g. '0-9', '0:10', '-4:' (default: all)")
+    pattern: str | None = _f(None, "regex on module names selecting layers (also non-linear modules, "
+                                   "handled by the torch.func backend)")
+    exclude: str | None = _f(None, "regex on module names excluding layers")
+    encode: EncodeOptions = field(default_factory=EncodeOptions,
+                                  metadata={"help": "tokenization and loss options", "resume": True})
+    reduction: str = _f("mean", "per-example loss: 'mean' (token-mean, as the papers) or 'sum'")
+    dtype: str = _f("float32", "model dtype: float32, float64, bfloat16")
+    attn_implementation: str = _f("sdpa", "attention kernel: sdpa, eager")
+    route: str = _f("auto", "singular values: auto, gram (T x T eigenproblem) or dense (materialise)")
+    erank_weights: str = _f("sv", "effective-rank weights: sv (p ~ s, the paper's code) or energy (p ~ s^2)")
+    rel_tol: float = _f(0.0, "drop singular values below rel_tol * s1 before ratios (0 keeps all)")
+    on_bad: str = _f("error", "bad records: 'error' stops with file:line:field, 'skip' flags and counts them")
+    seed: int = _f(0, "seed (bootstrap, permutations, anything random)")
+    token_budget: int = _f(4096, "max padded tokens per batch (length-bucketed)", resume=False)
+    max_batch: int = _f(32, "max examples per batch", resume=False)
+    flush_every: int = _f(4, "write a result shard every N batches (a killed run loses at most these)",
+                          resume=False)
+    device: str = _f("auto", "auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda, cuda:1, ...",
+                     resume=False)
+    summary: SummaryOptions = field(default_factory=SummaryOptions,
+                                    metadata={"help": "group comparison options", "resume": False})
+
+    def __post_init__(self):
+        choices = {"reduction": ("mean", "sum"), "route": ("auto", "gram", "dense"),
+                   "erank_weights": ("sv", "energy"), "on_bad": ("error", "skip"),
+                   "dtype": ("float32", "float64", "bfloat16", "float16"),
+                   "attn_implementation": ("sdpa", "eager")}
+        for name, allowed in choices.items():
+            v = getattr(self, name)
+            if v not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {v!r}")
+        for name in ("token_budget", "max_batch", "flush_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.rel_tol < 0:
+            raise ValueError(f"rel_tol must be >= 0, got {self.rel_tol}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayersConfig":
+        d = dict(d)
+        d["kinds"] = tuple(d.get("kinds") or ())
+        d["encode"] = EncodeOptions(**d.get("encode", {}))
+        s = dict(d.get("summary") or {})
+        if s.get("bounds") is not None:
+            s["bounds"] = tuple(s["bounds"])
+        d["summary"] = SummaryOptions(**s)
+        return cls(**d)
+
+
+def semantic_dict(cfg) -> dict:
+    """The fields of a config that define a run's identity (resume=False fields dropped)."""
+    out = {}
+    for f in fields(cfg):
+        if not f.metadata.get("resume", True):
+            continue
+        v = getattr(cfg, f.name)
+        out[f.name] = semantic_dict(v) if hasattr(v, "__dataclass_fields__") else v
+    return out
+
+
+def config_hash(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Built-in demo: arithmetic word problems answered fast, slow, or slow-but-wrong, and the demo pipeline."""

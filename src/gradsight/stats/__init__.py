@@ -1,0 +1,1 @@
+"""Statistics computed from per-example gradients: spectra per layer and group comparisons."""
