@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import string
+import torch
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<unk>")
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -71,3 +72,13 @@ def tiny_tokenizer():
 def tiny_base_tokenizer():
     """The same tokenizer without a chat template (a "base model" tokenizer)."""
     return _wrap(None)
+
+
+def tiny_model(seed=0, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer()), hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, attn_implementation="eager")
+    return LlamaForCausalLM(cfg).to(dtype).eval()

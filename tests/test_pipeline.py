@@ -19,39 +19,9 @@ from gradsight.data import DataError, EncodeOptions
 from gradsight.demo.problems import demo_records
 from gradsight.store import RunMismatchError, read_layer_stats
 
-from helpers import tiny_tokenizer
+from helpers import tiny_tokenizer, tiny_model as _tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tiny_model(seed=0, dtype=torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer()), hidden_size=32, intermediate_size=48,
-                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, attn_implementation="eager")
-    return LlamaForCausalLM(cfg).to(dtype).eval()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A saved tiny Llama + tokenizer: exercises the HF-directory loading path."""
-    d = tmp_path_factory.mktemp("tiny-llama")
-    _tiny_model().save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    p = d / "data.jsonl"
-    recs = demo_records(n_problems=8)
-    with open(p, "w") as fh:
-        for r in recs:
-            fh.write(json.dumps(r) + "\n")
-    return p
 
 
 def _cfg(model_dir, data_file, **kw):

@@ -16,11 +16,23 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .capture import DenseGrad, FactoredGrad, capture, loop_grads
-from .config import LayersConfig, SummaryOptions
-from .data import DataError, EncodeOptions, load_records
-from .models import ModelError, list_layers, load_model, select_layers
-from .stats.spectra import batch_spectra, spectral_stats
+import importlib
+
+# Lazy public front: `import gradsight` (and the report/CLI paths that don't need torch) stays cheap.
+_EXPORTS = {
+    "capture": ".capture", "loop_grads": ".capture", "FactoredGrad": ".capture", "DenseGrad": ".capture",
+    "LayersConfig": ".config", "SummaryOptions": ".config",
+    "DataError": ".data", "EncodeOptions": ".data", "load_records": ".data",
+    "ModelError": ".models", "list_layers": ".models", "load_model": ".models", "select_layers": ".models",
+    "batch_spectra": ".stats.spectra", "spectral_stats": ".stats.spectra",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'gradsight' has no attribute {name!r}")
+
 
 __all__ = ["analyze_layers", "capture", "loop_grads", "FactoredGrad", "DenseGrad", "LayersConfig",
            "SummaryOptions", "EncodeOptions", "DataError", "ModelError", "load_model", "load_records",
@@ -45,6 +57,8 @@ def analyze_layers(data=None, out="runs/layers", *, model="smollm2-135m-instruct
     """
     from dataclasses import fields
 
+    from .config import LayersConfig, SummaryOptions
+    from .data import EncodeOptions
     from .pipeline import run_layers
 
     tokenizer = options.pop("tokenizer", None)

@@ -232,6 +232,7 @@ def load_model(spec: str, dtype: str = "float32", attn_implementation: str | Non
         kw["gguf_file"] = gguf
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # GGUF de-quantisation bars would drown our own progress bar
     try:
         tok = AutoTokenizer.from_pretrained(str(d), **kw)
         cfg = AutoConfig.from_pretrained(str(d), **kw)
@@ -247,6 +248,7 @@ def load_model(spec: str, dtype: str = "float32", attn_implementation: str | Non
         raise ModelError(f"cannot load model {spec!r} from {d}: {e}") from e
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.eval()

@@ -9,7 +9,7 @@ import typer
 
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run directory"),
-    n_problems: int = typer.Option(72, help="number of built-in word problems (x3 responses)"),
+    n_problems: int = typer.Option(60, help="number of built-in word problems (x3 responses)"),
     model: str = typer.Option("smollm2-135m-instruct", help="model spec"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or summary"),
 ):

@@ -23,7 +23,7 @@ def demo_config(model: str = "smollm2-135m-instruct", **overrides) -> LayersConf
     return LayersConfig(**base)
 
 
-def run_demo(out: str | Path = "runs/demo", n_problems: int = 72, model: str = "smollm2-135m-instruct",
+def run_demo(out: str | Path = "runs/demo", n_problems: int = 60, model: str = "smollm2-135m-instruct",
              progress: bool = True, **overrides):
     """Run the demo analysis into `out` and write the report. Returns the LayersResult."""
     from ..pipeline import run_layers
