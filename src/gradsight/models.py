@@ -214,6 +214,25 @@ def model_fingerprint(spec: str) -> str:
     return h.hexdigest()
 
 
+def _silence_gguf_tqdm():
+    """Disable the GGUF de-quantisation bar for one load; returns the function that restores it."""
+    try:
+        import functools
+
+        from transformers import modeling_gguf_pytorch_utils as g
+    except ImportError:
+        return lambda: None
+    orig = getattr(g, "tqdm", None)
+    if orig is None:
+        return lambda: None
+    g.tqdm = functools.partial(orig, disable=True)
+
+    def restore():
+        g.tqdm = orig
+
+    return restore
+
+
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
 
@@ -233,6 +252,7 @@ def load_model(spec: str, dtype: str = "float32", attn_implementation: str | Non
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # GGUF de-quantisation bars would drown our own progress bar
+    quiet_gguf = _silence_gguf_tqdm()  # transformers' GGUF reader uses plain tqdm
     try:
         tok = AutoTokenizer.from_pretrained(str(d), **kw)
         cfg = AutoConfig.from_pretrained(str(d), **kw)
@@ -249,6 +269,7 @@ def load_model(spec: str, dtype: str = "float32", attn_implementation: str | Non
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+        quiet_gguf()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.eval()
