@@ -312,6 +312,11 @@ def mad_stat(A, B):
     return mad_ref(A.mean(axis=0)) - mad_ref(B.mean(axis=0))
 
 
+def rel_mad_stat(A, B):
+    ma, mb = A.mean(axis=0), B.mean(axis=0)
+    return mad_ref(ma) / np.abs(ma).mean() - mad_ref(mb) / np.abs(mb).mean()
+
+
 @pytest.mark.parametrize("data_seed", [0, 1, 2])
 def test_permutation_p_matches_exact_enumeration(data_seed):
     rng = np.random.default_rng(data_seed)
@@ -319,7 +324,7 @@ def test_permutation_p_matches_exact_enumeration(data_seed):
     df = make_stats({"a": X[:3], "b": X[3:]})
     n_perm = 20000
     out = C.permutation_tests(df, metrics=["nuclear"], n_perm=n_perm, seed=data_seed)
-    for test, stat in (("mean_diff", mean_stat), ("mad_diff", mad_stat)):
+    for test, stat in (("mean_diff", mean_stat), ("mad_diff", mad_stat), ("rel_mad_diff", rel_mad_stat)):
         row = get_test(out, test)
         assert row["statistic"] == pytest.approx(stat(X[:3], X[3:]))
         exact = exact_perm_p(X, 3, stat)
@@ -386,7 +391,7 @@ def test_permutation_small_groups_and_dropped_examples():
     df = make_stats({"a": rng.normal(size=(1, 3)), "b": Xb})
     df = df[~((df["idx"] == 4) & (df["block"] == 2))]  # example missing a block: dropped too
     out = C.permutation_tests(df, metrics=["nuclear"], n_perm=100)
-    assert len(out) == 2 + 3
+    assert len(out) == 3 + 3  # mean_diff, mad_diff, rel_mad_diff + one row per block
     assert out["p_value"].isna().all()
     assert out["note"].str.contains("need at least 2").all()
     assert (out["n_a"] == 1).all() and (out["n_b"] == 3).all() and (out["n_dropped"] == 2).all()
@@ -395,8 +400,9 @@ def test_permutation_small_groups_and_dropped_examples():
     one_block = make_stats({"a": rng.normal(size=(4, 1)), "b": rng.normal(size=(4, 1))})
     out = C.permutation_tests(one_block, metrics=["nuclear"], n_perm=100)
     assert np.isfinite(get_test(out, "mean_diff")["p_value"])
-    row = get_test(out, "mad_diff")
-    assert np.isnan(row["p_value"]) and "MAD" in row["note"]
+    for test in ("mad_diff", "rel_mad_diff"):
+        row = get_test(out, test)
+        assert np.isnan(row["p_value"]) and "MAD" in row["note"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -440,3 +446,23 @@ def test_block_without_any_finite_value_is_left_out():
     mads = C.mad_table(summ).set_index(["group", "segment"])
     assert mads.loc[("a", "all"), "value"] == pytest.approx(mad_ref(Xa[:, :3].mean(0)))
     assert np.isfinite(C.rd_table(summ)["rd"]).all()
+
+
+def test_relative_mad_separates_level_from_shape():
+    """A group whose curve is the other's times 3 has a larger MAD but the same MAD/mean."""
+    rng = np.random.default_rng(7)
+    shape = 1.0 + 0.5 * np.sin(np.arange(10))
+    a = shape * (1 + 0.05 * rng.normal(size=(25, 10)))
+    b = 3 * shape * (1 + 0.05 * rng.normal(size=(25, 10)))
+    df = make_stats({"a": a, "b": b})
+    out = C.permutation_tests(df, metrics=["nuclear"], n_perm=2000)
+    assert get_test(out, "mad_diff")["p_value"] < 0.01
+    rel = get_test(out, "rel_mad_diff")
+    assert rel["statistic"] == pytest.approx(rel_mad_stat(a, b))
+    assert rel["p_value"] > 0.05
+    mt = C.mad_table(C.group_curves(df, n_boot=50))
+    alls = mt[mt["segment"] == "all"].set_index("group")
+    assert alls.loc["b", "value"] == pytest.approx(3 * alls.loc["a", "value"], rel=0.1)
+    assert alls.loc["b", "rel_value"] == pytest.approx(alls.loc["a", "rel_value"], rel=0.1)
+    ma = a.mean(0)
+    assert alls.loc["a", "rel_value"] == pytest.approx(mad_ref(ma) / ma.mean())

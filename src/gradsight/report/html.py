@@ -355,12 +355,13 @@ def depth_mean_table(data: RunData) -> pd.DataFrame | None:
     return _depth_rows(s).groupby(["group", "kind", "metric"])["mean"].mean()
 
 
-def mad_value(data: RunData, group: str, kind: str, metric: str, segment: str = "all") -> float:
+def mad_value(data: RunData, group: str, kind: str, metric: str, segment: str = "all",
+              column: str = "value") -> float:
     m = data.mad
-    if m is None or m.empty:
+    if m is None or m.empty or column not in m.columns:
         return float("nan")
     r = m[(m["group"] == group) & (m["kind"] == kind) & (m["metric"] == metric) & (m["segment"] == segment)]
-    return float(r["value"].iloc[0]) if len(r) else float("nan")
+    return float(r[column].iloc[0]) if len(r) else float("nan")
 
 
 def whole_depth_tests(data: RunData) -> pd.DataFrame | None:
@@ -558,8 +559,14 @@ def findings(data: RunData) -> list[dict]:
             txt = ""
             if mads:
                 txt = "MAD over the whole depth: " + ", ".join(f"{g} {fmt_num(v)}" for g, v in mads) + "."
+            rels = [(g, mad_value(data, g, kind, "nuclear", column="rel_value")) for g in groups]
+            rels = [(g, v) for g, v in rels if not _isnan(v)]
+            if rels:
+                txt += (" Scale-free flatness MAD/mean (level removed): "
+                        + ", ".join(f"{g} {fmt_num(v)}" for g, v in rels) + ".")
             sig_txt = []
-            for test, label in (("mad_diff", "MAD difference"), ("mean_diff", "mean difference")):
+            for test, label in (("mad_diff", "MAD difference"), ("rel_mad_diff", "MAD/mean difference"),
+                                ("mean_diff", "mean difference")):
                 recs = tests_for(kind, "nuclear", test)
                 if recs:
                     sig_txt.append(f"{label} {_sig_phrase(recs)}")
@@ -893,6 +900,9 @@ def mad_tables(data: RunData) -> list[dict]:
                 else:
                     rng = "blocks vary by kind"
             headers.append({"name": s, "range": rng})
+        has_rel = "rel_value" in mm.columns
+        if has_rel:
+            headers.append({"name": "all: MAD/mean", "range": "scale-free"})
         rows = []
         for kind in data.kinds:
             for g in data.groups:
@@ -900,8 +910,11 @@ def mad_tables(data: RunData) -> list[dict]:
                 if d.empty:
                     continue
                 vals = {str(s): v for s, v in zip(d["segment"], d["value"])}
-                rows.append({"kind": kind, "group": g, "color": data.colors[g],
-                             "values": [fmt_num(vals.get(s)) for s in segs]})
+                values = [fmt_num(vals.get(s)) for s in segs]
+                if has_rel:
+                    rel = d.loc[d["segment"] == "all", "rel_value"]
+                    values.append(fmt_num(float(rel.iloc[0])) if len(rel) else "")
+                rows.append({"kind": kind, "group": g, "color": data.colors[g], "values": values})
         out.append({"metric": metric, "label": METRIC_LABELS.get(metric, metric), "headers": headers, "rows": rows})
     return out
 
@@ -955,7 +968,7 @@ def test_rows(data: RunData) -> list[dict]:
         return []
     morder = {m: i for i, m in enumerate(data.metrics)}
     korder = {k: i for i, k in enumerate(data.kinds)}
-    torder = {"mad_diff": 0, "mean_diff": 1}
+    torder = {"mad_diff": 0, "rel_mad_diff": 1, "mean_diff": 2}
     recs = w.to_dict("records")
     recs.sort(key=lambda x: (morder.get(x["metric"], 99), torder.get(x["test"], 9), str(x["group_a"]),
                              str(x["group_b"]), korder.get(x["kind"], 99)))

@@ -125,7 +125,7 @@ def print_summary(run_dir: Path | str, console: Console | None = None) -> None:
     # ---- tests ------------------------------------------------------------------------------------------
     wt = whole_depth_tests(data)
     if wt is not None and not wt.empty:
-        sel = wt[wt["test"].isin(["mad_diff", "mean_diff"])]
+        sel = wt[wt["test"].isin(["mad_diff", "rel_mad_diff", "mean_diff"])]
         if "nuclear" in set(sel["metric"]):
             sel_n = sel[sel["metric"] == "nuclear"]
         else:

@@ -50,7 +50,7 @@ PAPER_SEGMENT_BOUNDS: dict[int, tuple[int, int]] = {32: (10, 20), 28: (7, 21), 2
 
 LAYER_STATS_COLUMNS = ("idx", "group", "layer", "block", "kind", "metric", "value")
 SUMMARY_COLUMNS = ["group", "kind", "block", "metric", "mean", "sd", "n", "ci_lo", "ci_hi"]
-MAD_COLUMNS = ["group", "kind", "metric", "segment", "start", "stop", "value"]
+MAD_COLUMNS = ["group", "kind", "metric", "segment", "start", "stop", "value", "rel_value"]
 RD_COLUMNS = ["reference", "group", "kind", "metric", "rd", "top_blocks"]
 TESTS_COLUMNS = [
     "group_a", "group_b", "kind", "metric", "block", "test", "statistic", "p_value", "q_value",
@@ -373,7 +373,7 @@ def mad_table(summary: pd.DataFrame, bounds: tuple[int, int] | None = None) -> p
 
     Returns:
         DataFrame with columns group, kind, metric, segment ('all', 'early', 'middle', 'late'), start, stop
-        (block range, stop exclusive), value. The 'all' row spans the curve's first to last block + 1.
+        (block range, stop exclusive), value (MAD), rel_value (MAD / mean |curve|, scale-free). The 'all' row spans the curve's first to last block + 1.
         When L < 3 (or for a kind outside the blocks) only the 'all' row is given (see ``depth_segments``).
         A segment holding fewer than 2 of the curve's blocks has value NaN.
 
@@ -390,14 +390,22 @@ def mad_table(summary: pd.DataFrame, bounds: tuple[int, int] | None = None) -> p
     for (grp, kind, metric), (blocks, curve) in curves.items():
         if blocks.size == 0:
             continue
-        rows.append((grp, kind, metric, "all", int(blocks[0]), int(blocks[-1]) + 1, mad(curve)))
+        rows.append((grp, kind, metric, "all", int(blocks[0]), int(blocks[-1]) + 1, mad(curve), _rel(curve)))
         if blocks.max() < 0:  # a kind outside the blocks (e.g. lm_head) has no thirds
             continue
         for name, start, stop in segments:
             inside = (blocks >= start) & (blocks < stop)
-            rows.append((grp, kind, metric, name, start, stop, mad(curve[inside])))
+            rows.append((grp, kind, metric, name, start, stop, mad(curve[inside]), _rel(curve[inside])))
     out = pd.DataFrame(rows, columns=MAD_COLUMNS)
-    return out.astype({"start": "int64", "stop": "int64", "value": "float64"})
+    return out.astype({"start": "int64", "stop": "int64", "value": "float64", "rel_value": "float64"})
+
+
+def _rel(curve: np.ndarray) -> float:
+    """Scale-free flatness: MAD(c) / mean |c| (NaN when fewer than 2 points or an all-zero curve)."""
+    c = np.asarray(curve, dtype=np.float64)
+    if c.size < 2 or not np.abs(c).mean() > 0:
+        return float("nan")
+    return mad(c) / float(np.abs(c).mean())
 
 
 def rd_table(summary: pd.DataFrame, reference: str | None = None, top: int = 5,
@@ -513,6 +521,13 @@ def _mad_rows(curves: np.ndarray) -> np.ndarray:
     return np.abs(np.diff(curves, axis=-1)).mean(axis=-1)
 
 
+def _rel_mad_rows(M: np.ndarray) -> np.ndarray:
+    """MAD of each row divided by the row's mean absolute level (NaN for an all-zero row)."""
+    level = np.abs(M).mean(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(level > 0, _mad_rows(M) / level, np.nan)
+
+
 def permutation_tests(layer_stats: pd.DataFrame, pairs: Sequence[tuple[str, str]] | None = None,
                       metrics: Sequence[str] = DEFAULT_TEST_METRICS, n_perm: int = 2000,
                       seed: int = 0) -> pd.DataFrame:
@@ -524,6 +539,9 @@ def permutation_tests(layer_stats: pd.DataFrame, pairs: Sequence[tuple[str, str]
 
     - ``mean_diff``:       T = mean_l m_a[l] - mean_l m_b[l]  (difference of per-example depth means)
     - ``mad_diff``:        T = MAD(m_a) - MAD(m_b)            (the "flatness" claim of Li, Li, Zhou 2025)
+    - ``rel_mad_diff``:    T = MAD(m_a)/mean|m_a| - MAD(m_b)/mean|m_b|  (flatness net of the curve's level:
+      with token-mean losses a group of short responses has larger gradients everywhere, which alone
+      inflates its MAD; this scale-free version asks whether the SHAPE is less flat)
     - ``layer_mean_diff``: T_l = m_a[l] - m_b[l] for each block, with Benjamini-Hochberg q-values across
       the blocks of the (pair, kind, metric).
 
@@ -584,6 +602,7 @@ def permutation_tests(layer_stats: pd.DataFrame, pairs: Sequence[tuple[str, str]
             d_obs = m_a - m_b  # (B,)
             t_mean = float(d_obs.mean()) if B else nan
             t_mad = float(_mad_rows(m_a[None])[0] - _mad_rows(m_b[None])[0])
+            t_rel = float(_rel_mad_rows(m_a[None])[0] - _rel_mad_rows(m_b[None])[0])
 
             small = [f"group {g!r} has {n} usable example(s), need at least 2"
                      for g, n in ((ga, n_a), (gb, n_b)) if n < 2]
@@ -591,6 +610,7 @@ def permutation_tests(layer_stats: pd.DataFrame, pairs: Sequence[tuple[str, str]
                 note = "; ".join(small)
                 emit(ga, gb, kind, metric, -1, "mean_diff", t_mean, nan, nan, 0, n_a, n_b, n_drop, note)
                 emit(ga, gb, kind, metric, -1, "mad_diff", t_mad, nan, nan, 0, n_a, n_b, n_drop, note)
+                emit(ga, gb, kind, metric, -1, "rel_mad_diff", t_rel, nan, nan, 0, n_a, n_b, n_drop, note)
                 for l in range(B):
                     emit(ga, gb, kind, metric, int(blocks[l]), "layer_mean_diff", float(d_obs[l]), nan, nan, 0,
                          n_a, n_b, n_drop, note)
@@ -609,12 +629,16 @@ def permutation_tests(layer_stats: pd.DataFrame, pairs: Sequence[tuple[str, str]
             p_mean = float(_perm_p(np.array([t_mean]), D.mean(axis=1)[:, None])[0])
             emit(ga, gb, kind, metric, -1, "mean_diff", t_mean, p_mean, nan, n_perm, n_a, n_b, n_drop, "")
             if B < 2:
-                emit(ga, gb, kind, metric, -1, "mad_diff", t_mad, nan, nan, 0, n_a, n_b, n_drop,
-                     f"{B} block(s): MAD needs at least 2")
+                for test, t in (("mad_diff", t_mad), ("rel_mad_diff", t_rel)):
+                    emit(ga, gb, kind, metric, -1, test, t, nan, nan, 0, n_a, n_b, n_drop,
+                         f"{B} block(s): MAD needs at least 2")
             else:
                 t_perm = _mad_rows(pm_a) - _mad_rows(pm_b)  # (n_perm,)
                 p_mad = float(_perm_p(np.array([t_mad]), t_perm[:, None])[0])
                 emit(ga, gb, kind, metric, -1, "mad_diff", t_mad, p_mad, nan, n_perm, n_a, n_b, n_drop, "")
+                r_perm = _rel_mad_rows(pm_a) - _rel_mad_rows(pm_b)  # (n_perm,)
+                p_rel = float(_perm_p(np.array([t_rel]), r_perm[:, None])[0])
+                emit(ga, gb, kind, metric, -1, "rel_mad_diff", t_rel, p_rel, nan, n_perm, n_a, n_b, n_drop, "")
             p_layer = _perm_p(d_obs, D)  # (B,)
             q_layer = benjamini_hochberg(p_layer)
             for l in range(B):
