@@ -157,3 +157,24 @@ def test_projection_equals_dense():
     M = fg.materialize()
     torch.testing.assert_close(fg.project(P_in, P_out), P_out @ M @ P_in.T)
     torch.testing.assert_close(fg.inner(fg), M.flatten(1) @ M.flatten(1).T)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_per_example_loss_equals_hf_loss(arch):
+    """The gathered-head loss equals the full-logits path and HF's own loss on each example alone."""
+    from gradsight.losses import causal_lm_losses
+
+    factory, _ = PROBLEMS[arch]
+    model = factory()
+    exs = mixed_examples(n=4, seed=9)
+    batch = make_batch(exs)
+    fast = causal_lm_losses(model, batch, gather_head=True)
+    full = causal_lm_losses(model, batch, gather_head=False)
+    torch.testing.assert_close(fast, full, rtol=1e-7, atol=1e-10)
+    summed = causal_lm_losses(model, batch, reduction="sum")
+    for e, (ids, m) in enumerate(exs):
+        x = torch.tensor([ids])
+        labels = torch.where(torch.tensor([m]), x, torch.full_like(x, -100))
+        hf = model(input_ids=x, labels=labels).loss.double()  # HF upcasts logits to float32 in its loss
+        torch.testing.assert_close(fast[e], hf, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(summed[e], hf * sum(m[1:]), rtol=1e-6, atol=1e-8)
