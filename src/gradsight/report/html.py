@@ -684,14 +684,20 @@ def _floats(values: Iterable[Any], digits: int = 6) -> list[float | None]:
     return out
 
 
+def _metric_rows(df: pd.DataFrame | None, data: RunData, metric: str) -> tuple[pd.DataFrame, list[str]] | None:
+    """Rows of one metric and the run's kinds present in them (None when there is nothing to plot)."""
+    if df is None or df.empty:
+        return None
+    rows = df[df["metric"] == metric]
+    kinds = [k for k in data.kinds if k in set(rows["kind"])]
+    return (rows, kinds) if kinds else None
+
+
 def curves_figure(data: RunData, metric: str) -> dict | None:
-    s = data.summary
-    if s is None or s.empty:
+    got = _metric_rows(data.summary, data, metric)
+    if got is None:
         return None
-    sm = s[s["metric"] == metric]
-    kinds = [k for k in data.kinds if k in set(sm["kind"])]
-    if not kinds:
-        return None
+    sm, kinds = got
     sp = _Subplots([_ptext(k) for k in kinds])
     colors = data.colors
     traces: list[dict] = []
@@ -748,13 +754,10 @@ def curves_figure(data: RunData, metric: str) -> dict | None:
 
 
 def distribution_figure(data: RunData, metric: str) -> dict | None:
-    dm = data.depth_means
-    if dm is None or dm.empty:
+    got = _metric_rows(data.depth_means, data, metric)
+    if got is None:
         return None
-    d_m = dm[dm["metric"] == metric]
-    kinds = [k for k in data.kinds if k in set(d_m["kind"])]
-    if not kinds:
-        return None
+    d_m, kinds = got
     ids: dict[int, str] = {}
     if data.examples is not None and {"idx", "id"} <= set(data.examples.columns):
         ids = dict(zip(data.examples["idx"].astype(int), data.examples["id"]))
