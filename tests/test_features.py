@@ -104,3 +104,21 @@ def test_exact_gram_accumulator_across_batches_on_tiny_llama():
     for n in mods:
         F = torch.cat(dense[n])
         torch.testing.assert_close(grams[n], F @ F.T, rtol=1e-8, atol=1e-12)
+
+
+def test_feature_shards_roundtrip_and_orphans_removed(tmp_path):
+    import pandas as pd
+
+    from gradsight.store import EXAMPLE_COLUMNS, RunStore, read_features
+
+    st = RunStore(tmp_path / "run")
+    st.open({"x": 1}, {})
+    rows = lambda ids: pd.DataFrame([{c: (i if c == "idx" else "") for c in EXAMPLE_COLUMNS} for i in ids])  # noqa: E731
+    f1 = {"a": torch.randn(2, 5), "b": torch.randn(2, 3)}
+    st.append_features([3, 1], f1)
+    st.append(rows([3, 1]), None)
+    st.append_features([7], {"a": torch.randn(1, 5), "b": torch.randn(1, 3)})  # killed before its examples rows
+    assert st.cleanup() == 1
+    idx, feats = read_features(tmp_path / "run")
+    assert idx.tolist() == [1, 3]
+    torch.testing.assert_close(feats["a"], f1["a"][[1, 0]])

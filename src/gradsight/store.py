@@ -80,6 +80,33 @@ def write_parquet(df: pd.DataFrame, path: Path) -> None:
         raise
 
 
+def write_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors as safetensors atomically (never pickle)."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(Path(path), data)
+
+
+def read_features(run: Path, layers: list[str] | None = None):
+    """(idx (n,) int64, {layer: (n, D) tensor}) from all feature shards of a run, sorted by idx.
+
+    Shards hold one tensor per layer (key = layer name) and "__idx__". Loaded with safetensors (no pickle).
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    d = Path(run) / "features"
+    files = sorted(f for f in d.glob("r*-*.safetensors")) if d.exists() else []
+    if not files:
+        return torch.zeros(0, dtype=torch.int64), {}
+    parts = [load_file(str(f)) for f in files]
+    idx = torch.cat([p["__idx__"] for p in parts])
+    order = torch.argsort(idx)
+    names = layers or [k for k in parts[0] if k != "__idx__"]
+    return idx[order], {n: torch.cat([p[n] for p in parts])[order] for n in names}
+
+
 def versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -186,7 +213,7 @@ class RunStore:
     def cleanup(self) -> int:
         """Remove temp files and layer-stats shards without their examples twin; returns how many."""
         n = 0
-        for d in (self.path / "layer_stats", self.path / "examples", self.path):
+        for d in (self.path / "layer_stats", self.path / "examples", self.path / "features", self.path):
             if d.exists():
                 for f in d.glob(".*.tmp"):
                     f.unlink(missing_ok=True)
@@ -194,6 +221,11 @@ class RunStore:
         ex = self._shards("examples")
         for name, f in self._shards("layer_stats").items():
             if name not in ex:
+                f.unlink(missing_ok=True)
+                n += 1
+        fdir = self.path / "features"
+        for f in (fdir.glob("r*-*.safetensors") if fdir.exists() else []):
+            if f.name.replace(".safetensors", ".parquet") not in ex:  # features of an unfinished flush
                 f.unlink(missing_ok=True)
                 n += 1
         return n
@@ -216,6 +248,19 @@ class RunStore:
         if layer_stats is not None and not layer_stats.empty:
             write_parquet(layer_stats, self.path / "layer_stats" / name)
         write_parquet(examples[EXAMPLE_COLUMNS], self.path / "examples" / name)
+
+    def append_features(self, idx: list[int], feats: dict, metadata: dict[str, str] | None = None) -> None:
+        """Write one features shard (layer -> (B, D) tensor) for the examples `idx`.
+
+        Call before `append` of the same examples: an example is done only once its examples row exists,
+        and feature shards of unfinished examples are ignored on resume (their idx are filtered by done()).
+        """
+        import torch
+
+        name = f"r{self.rank}-{self._next_seq():05d}.safetensors"
+        tensors = dict(feats)
+        tensors["__idx__"] = torch.tensor(idx, dtype=torch.int64)
+        write_safetensors(tensors, self.path / "features" / name, metadata)
 
     def merge_examples(self) -> pd.DataFrame:
         """Write RUN/examples.parquet from all examples shards (rank 0)."""
