@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .data import EncodeOptions
 
-__all__ = ["LayersConfig", "SummaryOptions", "semantic_dict", "config_hash"]
+__all__ = ["LayersConfig", "GeometryConfig", "SummaryOptions", "semantic_dict", "config_hash"]
 
 
 def _f(default, help: str, resume: bool = True, **kw):
@@ -117,3 +117,48 @@ def semantic_dict(cfg) -> dict:
 
 def config_hash(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class GeometryConfig(LayersConfig):
+    """Options of `gradsight geometry` (gradient features, alignment, entanglement, diversity, noise).
+
+    Loss terms: plain records and named terms use `reduction` (token-mean by default); preference-pair
+    sides and rewarded rollouts use the sequence log-probability (sum over response tokens), as the
+    entanglement and PSR/NSR analyses are defined for log pi(y|x).
+    """
+
+    r_in: int = _f(16, "input-side projection size per layer (features are r_out x r_in per layer)")
+    r_out: int = _f(16, "output-side projection size per layer")
+    r_dense: int = _f(256, "projection size of dense (torch.func) per-example gradients")
+    proj_kind: str = _f("gaussian", "projection entries: gaussian or rademacher")
+    r_model: int = _f(512, "size of the whole-model feature (a seeded projection of all layers' features), "
+                           "used for G-Vendi and selection")
+    feature_dtype: str = _f("float32", "dtype of the stored features: float32 or float16")
+    exact: bool = _f(False, "exact mode: cross-example inner products from the factors, no projection "
+                            "(small problems; one process)")
+    spectra: bool = _f(True, "also compute per-example spectra (effective rank for the score table)")
+    target: str | None = _f(None, "label whose mean gradient the score table's cos_target refers to "
+                                  "(default: the first label in sorted order)", resume=False)
+    threshold: float = _f(0.5, "rollouts with reward > threshold are positive (PSR), the others negative "
+                               "(NSR)", resume=False)
+    lam: float = _f(0.1, "W-REINFORCE weight of the positive part", resume=False)
+    q: float = _f(1.0, "order of the Vendi score (1 = entropy)", resume=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("r_in", "r_out", "r_dense", "r_model"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.proj_kind not in ("gaussian", "rademacher"):
+            raise ValueError(f"proj_kind must be gaussian or rademacher; got {self.proj_kind!r}")
+        if self.feature_dtype not in ("float32", "float16"):
+            raise ValueError(f"feature_dtype must be float32 or float16; got {self.feature_dtype!r}")
+        if self.q < 0:
+            raise ValueError(f"q must be >= 0, got {self.q}")
+
+    def projection(self):
+        from .features import ProjectionSpec
+
+        return ProjectionSpec(r_in=self.r_in, r_out=self.r_out, r_dense=self.r_dense, kind=self.proj_kind,
+                              seed=self.seed)

@@ -18,6 +18,18 @@ Record layouts (one JSON object per line, or one row of a dataset):
 ``id`` is optional (string or integer; default: the record's 0-based position). A field whose value is null is
 treated as absent.
 
+Loss-term layouts (``gradsight geometry``; ``load_records(..., terms=True)``). Each record becomes one or more
+*loss terms*, each a (prompt, response) sequence whose gradient is taken separately:
+
+* plain records above: one term named ``loss`` (role ``loss``).
+* preference pairs ``{"group", "prompt", "chosen", "rejected"}``: terms ``chosen`` and ``rejected`` (role
+  ``pair``); both sides are required.
+* rewarded rollouts ``{"group", "prompt", "response", "reward"}``: one term ``rollout`` (role ``rollout``)
+  with a finite numeric reward (``true``/``false`` count as 1/0).
+* named terms ``{"group", "prompt", "terms": {"sft": "...", "aux": "..."}}``: one term per name (role
+  ``term``). A term name keeps one role across the file: using ``chosen`` as a named term after it was a
+  pair side (or a named term as ``loss``) is an error naming both places.
+
 Loss convention (Li, Li, Zhou 2025, "What Happened in LLMs Layers when Trained for Fast vs. Slow Thinking"):
 the loss of an example is the token mean of ``-log p(y_j | y_<j)`` over its supervised targets, which are the
 response tokens. Prompt and response are tokenized *separately* and the ids concatenated, so the response
@@ -33,7 +45,7 @@ import math
 import numbers
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +117,10 @@ class Record:
         messages: the whole conversation as (role, content) pairs, final assistant message included
             (None for prompt/response records).
         source: ``path:line`` (JSONL, 1-based line) or ``name[split]:row`` (datasets, 0-based row).
+        role: ``loss`` (plain), ``pair`` (preference pair), ``rollout`` (rewarded response) or ``term``
+            (named loss terms); see the module docstring.
+        terms: (name, response) per loss term for pairs and named terms, else None.
+        reward: the rollout's reward, else None.
     """
 
     idx: int
@@ -114,6 +130,16 @@ class Record:
     response: str | None
     messages: tuple[tuple[str, str], ...] | None
     source: str
+    role: str = "loss"
+    terms: tuple[tuple[str, str], ...] | None = None
+    reward: float | None = None
+
+    @property
+    def term_list(self) -> list[tuple[str, str]]:
+        """(term name, response) of every loss term of the record (``[("loss", response)]`` when plain)."""
+        if self.terms is not None:
+            return list(self.terms)
+        return [("rollout" if self.role == "rollout" else "loss", self.response or "")]
 
     @property
     def prompt_messages(self) -> list[dict[str, str]]:
@@ -221,13 +247,78 @@ def _id(row: Mapping, name: str) -> str | None:
 
 
 _LAYOUT_HELP = "a record needs 'prompt' and 'response', or 'messages', or 'instruction' and 'output'"
+_TERM_KEYS = ("chosen", "rejected", "terms", "reward")
 
 
-def _parse(row: Any, idx: int, source: str, group_field: str, id_field: str) -> Record:
+def _reward(row: Mapping) -> float:
+    v = row.get("reward")
+    if isinstance(v, bool):
+        return float(v)
+    if not isinstance(v, numbers.Real):
+        raise _Bad("reward", f"expected a number, got {_type_name(v)} {str(v)[:40]!r}")
+    if not math.isfinite(float(v)):
+        raise _Bad("reward", f"must be finite, got {v}")
+    return float(v)
+
+
+def _term_dict(v: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(v, Mapping) or not v:
+        raise _Bad("terms", f"expected a non-empty object {{name: response}}, got {_type_name(v)}")
+    out = []
+    for name, resp in v.items():
+        if not isinstance(name, str) or not name.strip():
+            raise _Bad("terms", f"term names must be non-empty strings, got {name!r}")
+        if not isinstance(resp, str):
+            raise _Bad("terms", f"term '{name}': expected a response string, got {_type_name(resp)}")
+        out.append((name, resp))
+    return tuple(out)
+
+
+def _parse(row: Any, idx: int, source: str, group_field: str, id_field: str, terms: bool = False) -> Record:
     if not isinstance(row, Mapping):
         raise _Bad(None, f"expected a JSON object, got {_type_name(row)}")
     rid = _id(row, id_field)
     group = _group(row, group_field)
+    present = {k for k in (*_TERM_KEYS, "response", "messages", "output") if _present(row, k) is not None}
+    if not terms and present & {"chosen", "rejected", "terms"}:
+        key = sorted(present & {"chosen", "rejected", "terms"})[0]
+        raise _Bad(key, "preference pairs and named loss terms are analysed by `gradsight geometry`, "
+                        "not `gradsight layers`")
+    base = dict(idx=idx, id=rid if rid is not None else str(idx), group=group, source=source)
+    if terms and present & {"chosen", "rejected"}:  # preference pair
+        for other in ("response", "messages", "output", "terms", "reward"):
+            if other in present:
+                raise _Bad(other, "ambiguous record: a preference pair ('chosen'/'rejected') cannot also have "
+                                  f"'{other}'")
+        for side in ("chosen", "rejected"):
+            if side not in present:
+                raise _Bad(side, "missing (a preference pair needs both 'chosen' and 'rejected')")
+        prompt = _pair_prompt(row)
+        pair = (("chosen", _string(row, "chosen", required=True)), ("rejected", _string(row, "rejected", required=True)))
+        return Record(**base, prompt=prompt, response=None, messages=None, role="pair", terms=pair)
+    if terms and "terms" in present:
+        for other in ("response", "messages", "output", "reward"):
+            if other in present:
+                raise _Bad(other, f"ambiguous record: named 'terms' cannot also have '{other}'")
+        return Record(**base, prompt=_pair_prompt(row), response=None, messages=None, role="term",
+                      terms=_term_dict(row["terms"]))
+    rec = _parse_plain(row, base)
+    if terms and "reward" in present:
+        rec = replace(rec, role="rollout", reward=_reward(row))
+    return rec
+
+
+def _pair_prompt(row: Mapping) -> str:
+    """The prompt of a pair / named-terms record: 'prompt', or 'instruction' (+ 'input')."""
+    if _present(row, "prompt") is not None:
+        return _string(row, "prompt", required=True)
+    if _present(row, "instruction") is not None:
+        extra = _string(row, "input", required=False)
+        return _string(row, "instruction", required=True) + ("\n" + extra if extra else "")
+    raise _Bad("prompt", "missing (pairs and named terms need a 'prompt' or an 'instruction')")
+
+
+def _parse_plain(row: Mapping, base: dict) -> Record:
     layouts = [
         name
         for name, keys in (
@@ -253,15 +344,7 @@ def _parse(row: Any, idx: int, source: str, group_field: str, id_field: str) -> 
         extra = _string(row, "input", required=False)
         response = _string(row, "output", required=True)
         prompt = instruction + ("\n" + extra if extra else "")
-    return Record(
-        idx=idx,
-        id=rid if rid is not None else str(idx),
-        group=group,
-        prompt=prompt,
-        response=response,
-        messages=messages,
-        source=source,
-    )
+    return Record(**base, prompt=prompt, response=response, messages=messages)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -350,6 +433,7 @@ def load_records(
     on_bad: str = "error",
     group_field: str = "group",
     id_field: str = "id",
+    terms: bool = False,
 ) -> tuple[list[Record], list[dict]]:
     """Read and validate every record of a data source.
 
@@ -361,6 +445,8 @@ def load_records(
         on_bad: ``"error"`` raises a DataError at the first bad record; ``"skip"`` returns bad records as
             flagged skips instead.
         group_field, id_field: names of the group and id fields.
+        terms: accept the loss-term layouts (preference pairs, rewarded rollouts, named terms) and check that
+            every term name keeps one role across the source.
 
     Returns:
         (records, skipped): the valid records in source order, and one dict per bad record
@@ -378,14 +464,17 @@ def load_records(
     records: list[Record] = []
     skipped: list[dict] = []
     seen: dict[str, str] = {}  # id -> location of its first record
+    roles: dict[str, tuple[str, str]] = {}  # term name -> (role, location of its first use)
     idx = -1
     for idx, (loc, row) in enumerate(rows):
         try:
             if isinstance(row, _Bad):
                 raise row
-            rec = _parse(row, idx, loc, group_field, id_field)
+            rec = _parse(row, idx, loc, group_field, id_field, terms)
             if rec.id in seen:
                 raise _Bad(id_field, f"duplicate id '{rec.id}' (first at {seen[rec.id]})")
+            if terms:
+                _check_roles(rec, roles, loc)
             seen[rec.id] = loc
             records.append(rec)
         except _Bad as bad:
@@ -402,6 +491,22 @@ def load_records(
         first = skipped[0]
         raise DataError(label, f"no valid records (all {n} are bad; first: {first['source']}: {first['reason']})")
     return records, skipped
+
+
+_ROLE_TEXT = {"pair": "a preference-pair side", "term": "a named term", "rollout": "a rewarded rollout",
+              "loss": "a plain response"}
+
+
+def _check_roles(rec: Record, roles: dict[str, tuple[str, str]], loc: str) -> None:
+    """A term name keeps the role of its first use (e.g. 'chosen' is a pair side everywhere)."""
+    field = {"pair": "chosen", "term": "terms", "rollout": "reward", "loss": "response"}[rec.role]
+    for name, _ in rec.term_list:
+        role, first = roles.get(name, (rec.role, loc))
+        if role != rec.role:
+            raise _Bad(field, f"loss-term name '{name}' is used as {_ROLE_TEXT[rec.role]} here but as "
+                              f"{_ROLE_TEXT[role]} at {first}; give different kinds of terms different names")
+    for name, _ in rec.term_list:
+        roles.setdefault(name, (rec.role, loc))
 
 
 def _salvage(row: Any, idx: int, group_field: str, id_field: str) -> dict:

@@ -164,13 +164,29 @@ def run_layers(cfg: LayersConfig, out: str | Path, *, progress: bool = True, rep
         dist_.finalize(info)
 
 
-def _run(cfg, out, info, progress, report, model, tokenizer, records, log) -> LayersResult:
-    t0 = time.perf_counter()
-    # data first: bad input fails fast, before the model loads
+@dataclass
+class Setup:
+    """What every analysis has once data, model, layers and the run directory are ready."""
+
+    records: list[Record]
+    bad: list[dict]
+    model: Any
+    tokenizer: Any
+    layers: list[LayerInfo]
+    store: RunStore
+    done: set[int]
+    device: torch.device
+    manifest: dict
+
+
+def prepare(cfg: LayersConfig, out: Path, info: dist_.DistInfo, model: Any, tokenizer: Any, records: Any, *,
+            analysis: str = "layers", terms: bool = False, extra: dict | None = None) -> Setup:
+    """Load and validate data (bad input fails before the model loads), load the model, select layers, and
+    open (or resume) the run directory under the run's identity."""
     source = records if records is not None else cfg.data
     if source is None or source == "":
         raise DataError("--data", "no data given")
-    recs, bad = load_records(source, split=cfg.split, on_bad=cfg.on_bad)
+    recs, bad = load_records(source, split=cfg.split, on_bad=cfg.on_bad, terms=terms)
     data_hash = fingerprint(source)
     if model is None:
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
@@ -178,7 +194,7 @@ def _run(cfg, out, info, progress, report, model, tokenizer, records, log) -> La
         model_id = cfg.model
     else:
         if tokenizer is None:
-            raise ValueError("run_layers(model=...) needs tokenizer= too")
+            raise ValueError("a model passed in needs its tokenizer too")
         model_id = getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__)
         model_fp = "in-memory:" + _param_fingerprint(model)
     device = dist_.pick_device(cfg.device, info)
@@ -186,23 +202,32 @@ def _run(cfg, out, info, progress, report, model, tokenizer, records, log) -> La
     layers = select_layers(model, kinds=cfg.kinds or None, blocks=cfg.blocks, pattern=cfg.pattern,
                            exclude=cfg.exclude)
     identity = {"config": semantic_dict(cfg), "model_fingerprint": model_fp, "data_sha256": data_hash}
+    if analysis != "layers":
+        identity["analysis"] = analysis
     store = RunStore(out, info.rank, info.world_size)
-    extra = {"config": cfg.to_dict(), "config_hash": config_hash(identity),
-             "model": {"id": model_id, "fingerprint": model_fp, "class": type(model).__name__,
-                       "n_blocks": 1 + max((li.block for li in layers), default=-1),
-                       "layers": [li.to_dict() for li in layers]},
-             "data": {"path": str(cfg.data) or "<in-memory>", "sha256": data_hash,
-                      "n_records": len(recs) + len(bad)},
-             "versions": versions(), "seed": cfg.seed, "world_size": info.world_size,
-             "loss": {"reduction": cfg.reduction, "loss_on": cfg.encode.loss_on, "mode": "eval",
-                      "dtype": cfg.dtype, "stat_dtype": "float64"}}
+    meta = {"analysis": analysis, "config": cfg.to_dict(), "config_hash": config_hash(identity),
+            "model": {"id": model_id, "fingerprint": model_fp, "class": type(model).__name__,
+                      "n_blocks": 1 + max((li.block for li in layers), default=-1),
+                      "layers": [li.to_dict() for li in layers]},
+            "data": {"path": str(cfg.data) or "<in-memory>", "sha256": data_hash,
+                     "n_records": len(recs) + len(bad)},
+            "versions": versions(), "seed": cfg.seed, "world_size": info.world_size,
+            "loss": {"reduction": cfg.reduction, "loss_on": cfg.encode.loss_on, "mode": "eval",
+                     "dtype": cfg.dtype, "stat_dtype": "float64"}, **(extra or {})}
     if info.is_main:
-        store.open(identity, extra)
+        manifest = store.open(identity, meta)
         store.cleanup()
     dist_.barrier(info)
     if not info.is_main:
-        store.open(identity, extra)
-    done = store.done()
+        manifest = store.open(identity, meta)
+    return Setup(recs, bad, model, tokenizer, layers, store, store.done(), device, manifest)
+
+
+def _run(cfg, out, info, progress, report, model, tokenizer, records, log) -> LayersResult:
+    t0 = time.perf_counter()
+    su = prepare(cfg, out, info, model, tokenizer, records)
+    recs, bad, model, tokenizer, layers, store, done, device = (su.records, su.bad, su.model, su.tokenizer,
+                                                               su.layers, su.store, su.done, su.device)
 
     # encode every record (cheap, deterministic), then shard by position in a fixed order
     encoded: list[Encoded] = [encode(r, tokenizer, cfg.encode) for r in recs]

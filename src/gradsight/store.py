@@ -247,7 +247,8 @@ class RunStore:
         name = f"r{self.rank}-{self._next_seq():05d}.parquet"
         if layer_stats is not None and not layer_stats.empty:
             write_parquet(layer_stats, self.path / "layer_stats" / name)
-        write_parquet(examples[EXAMPLE_COLUMNS], self.path / "examples" / name)
+        cols = EXAMPLE_COLUMNS + [c for c in examples.columns if c not in EXAMPLE_COLUMNS]  # analysis extras
+        write_parquet(examples[cols], self.path / "examples" / name)
 
     def append_features(self, idx: list[int], feats: dict, metadata: dict[str, str] | None = None) -> None:
         """Write one features shard (layer -> (B, D) tensor) for the examples `idx`.

@@ -37,6 +37,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from gradsight.linalg import eigvalsh
+
 __all__ = [
     "vendi_from_eigenvalues",
     "GVendiAccumulator",
@@ -178,7 +180,7 @@ class GVendiAccumulator:
         """Eigenvalues of C / n (ascending, float64; sum 1 up to round-off). Empty when n == 0."""
         if self.n == 0 or self.C is None:
             return torch.zeros(0, dtype=torch.float64)
-        return torch.linalg.eigvalsh(self.C / self.n)
+        return eigvalsh(self.C / self.n)
 
     def score(self, q: float = 1.0) -> float:
         """G-Vendi of order q of the rows seen so far (NaN when no valid row was seen)."""
@@ -236,7 +238,7 @@ def g_vendi_primal(F, q: float = 1.0) -> float:
     n = X.shape[0]
     if n == 0:
         return float("nan")
-    return vendi_from_eigenvalues(torch.linalg.eigvalsh(X @ X.T / n), _check_q(q))
+    return vendi_from_eigenvalues(eigvalsh(X @ X.T / n), _check_q(q))
 
 
 def g_vendi_by_group(F, groups: Sequence[str], q: float = 1.0,
@@ -317,13 +319,13 @@ def marginal_contributions(F, q: float = 1.0) -> np.ndarray:
         for s in range(0, m, step):
             idx = keep[s:s + step]
             sub = K[idx.unsqueeze(2), idx.unsqueeze(1)]  # (b, m-1, m-1)
-            loo[s:s + step] = _vendi_batch(torch.linalg.eigvalsh(sub), q)
+            loo[s:s + step] = _vendi_batch(eigvalsh(sub), q)
     else:
         S = X.T @ X
         step = _chunk_size(D)
         for s in range(0, m, step):
             x = X[s:s + step]
-            loo[s:s + step] = _vendi_batch(torch.linalg.eigvalsh(S - x.unsqueeze(2) * x.unsqueeze(1)), q)
+            loo[s:s + step] = _vendi_batch(eigvalsh(S - x.unsqueeze(2) * x.unsqueeze(1)), q)
     out[np.flatnonzero(ok.numpy())] = full - loo.numpy()
     return out
 
@@ -400,14 +402,14 @@ def greedy_select(F, k: int, candidates: Sequence[int] | None = None, q: float =
                     M = base.expand(z.shape[0], r + 1, r + 1).clone()
                     M[:, :r, r] = z
                     M[:, r, :r] = z
-                    scores[s:s + step] = _vendi_batch(torch.linalg.eigvalsh(M), q)
+                    scores[s:s + step] = _vendi_batch(eigvalsh(M), q)
             else:
                 CS = XS.T @ XS
                 step = _chunk_size(D)
                 for s in range(0, remaining.size, step):
                     x = Xc[s:s + step]
                     scores[s:s + step] = _vendi_batch(
-                        torch.linalg.eigvalsh(CS + x.unsqueeze(2) * x.unsqueeze(1)), q)
+                        eigvalsh(CS + x.unsqueeze(2) * x.unsqueeze(1)), q)
             sc = scores.numpy()
             best = np.nanmax(sc)
             tied = np.flatnonzero(sc >= best - rtol * abs(best))
