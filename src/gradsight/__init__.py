@@ -21,7 +21,9 @@ import importlib
 # Lazy public front: `import gradsight` (and the report/CLI paths that don't need torch) stays cheap.
 _EXPORTS = {
     "capture": ".capture", "loop_grads": ".capture", "FactoredGrad": ".capture", "DenseGrad": ".capture",
-    "LayersConfig": ".config", "SummaryOptions": ".config",
+    "LayersConfig": ".config", "SummaryOptions": ".config", "GeometryConfig": ".config",
+    "ProjectionSpec": ".features", "Projector": ".features",
+    "run_geometry": ".geometry", "summarize_geometry": ".geometry", "select": ".geometry",
     "DataError": ".data", "EncodeOptions": ".data", "load_records": ".data",
     "ModelError": ".models", "list_layers": ".models", "load_model": ".models", "select_layers": ".models",
     "batch_spectra": ".stats.spectra", "spectral_stats": ".stats.spectra",
@@ -34,9 +36,10 @@ def __getattr__(name):
     raise AttributeError(f"module 'gradsight' has no attribute {name!r}")
 
 
-__all__ = ["analyze_layers", "capture", "loop_grads", "FactoredGrad", "DenseGrad", "LayersConfig",
-           "SummaryOptions", "EncodeOptions", "DataError", "ModelError", "load_model", "load_records",
-           "list_layers", "select_layers", "batch_spectra", "spectral_stats", "open_run", "__version__"]
+__all__ = ["analyze_layers", "analyze_geometry", "run_geometry", "summarize_geometry", "select",
+           "GeometryConfig", "ProjectionSpec", "Projector", "capture", "loop_grads", "FactoredGrad",
+           "DenseGrad", "LayersConfig", "SummaryOptions", "EncodeOptions", "DataError", "ModelError",
+           "load_model", "load_records", "list_layers", "select_layers", "batch_spectra", "spectral_stats", "open_run", "__version__"]
 
 
 def analyze_layers(data=None, out="runs/layers", *, model="smollm2-135m-instruct", progress=True,
@@ -55,10 +58,29 @@ def analyze_layers(data=None, out="runs/layers", *, model="smollm2-135m-instruct
     Returns:
         LayersResult with .path, .examples, .summary, .layer_stats and .report().
     """
+    return _analyze("layers", data, out, model, progress, report, options)
+
+
+def analyze_geometry(data=None, out="runs/geometry", *, model="smollm2-135m-instruct", progress=True,
+                     report=True, **options):
+    """Gradient geometry of `model` on `data` (groups, preference pairs, rewarded rollouts, named terms).
+
+    Args: as `analyze_layers`; **options may also hold any GeometryConfig field (r_in=32, exact=True, ...).
+
+    Returns:
+        GeometryResult with .path, .examples (one row per loss term), .tables ({"group_cosines", "pairs",
+        "coherence", "terms", "entanglement", "entanglement_summary", "psr_nsr", "diversity", "noise",
+        "scores"}) and .report().
+    """
+    return _analyze("geometry", data, out, model, progress, report, options)
+
+
+def _analyze(analysis, data, out, model, progress, report, options):
     from dataclasses import fields
 
-    from .config import LayersConfig, SummaryOptions
+    from .config import GeometryConfig, LayersConfig, SummaryOptions
     from .data import EncodeOptions
+    from .geometry import run_geometry
     from .pipeline import run_layers
 
     tokenizer = options.pop("tokenizer", None)
@@ -70,9 +92,10 @@ def analyze_layers(data=None, out="runs/layers", *, model="smollm2-135m-instruct
         options["kinds"] = tuple(options["kinds"])
     in_memory = not isinstance(data, (str, bytes)) and not hasattr(data, "__fspath__")
     loaded = not isinstance(model, str)
-    cfg = LayersConfig(model=model if not loaded else type(model).__name__,
-                       data="" if in_memory else str(data), encode=enc, summary=summ, **options)
-    return run_layers(cfg, out, progress=progress, report=report, model=model if loaded else None,
+    cls, runner = (GeometryConfig, run_geometry) if analysis == "geometry" else (LayersConfig, run_layers)
+    cfg = cls(model=model if not loaded else type(model).__name__,
+              data="" if in_memory else str(data), encode=enc, summary=summ, **options)
+    return runner(cfg, out, progress=progress, report=report, model=model if loaded else None,
                       tokenizer=tokenizer, records=data if in_memory else None)
 
 

@@ -8,15 +8,19 @@ import typer
 
 from . import demo as _demo
 from . import env as _env
+from . import geometry as _geometry
 from . import layers as _layers
 from . import report as _report
+from . import select as _select
 from ._common import friendly_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="gradsight: per-example, per-layer gradient statistics of neural networks.")
 app.command("layers")(_layers.layers)
+app.command("geometry")(_geometry.geometry)
 app.command("report")(_report.report)
 app.command("demo")(_demo.demo)
+app.command("select")(_select.select)
 app.command("env")(_env.env)
 
 

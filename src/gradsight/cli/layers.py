@@ -50,20 +50,22 @@ def layers(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or summary"),
 ):
     """Per-example, per-layer gradient norms and spectra, compared across the data's groups."""
-    from ..distributed import DistInfo
     from ..pipeline import run_layers
 
-    cfg = LayersConfig(
-        model=model, data=data, split=split, kinds=split_csv(kinds), blocks=blocks, pattern=pattern,
-        exclude=exclude,
-        encode=EncodeOptions(max_length=max_length, loss_on=loss_on, truncation=truncation, chat=chat,
-                             system_prompt=system_prompt, append_eos=append_eos),
-        reduction=reduction, dtype=dtype, attn_implementation=attn, route=route, erank_weights=erank_weights,
-        rel_tol=rel_tol, on_bad=on_bad, seed=seed, token_budget=token_budget, max_batch=max_batch,
-        flush_every=flush_every, device=device,
-        summary=SummaryOptions(reference=reference, n_boot=n_boot, n_perm=n_perm))
+    kw = dict(locals())
+    out, quiet, no_report = kw.pop("out"), kw.pop("quiet"), kw.pop("no_report")
+    cfg = LayersConfig(**config_kwargs(kw))
     result = run_layers(cfg, out, progress=not quiet, report=not no_report)
     _print_summary_on_main(result.path, quiet)
+
+
+def config_kwargs(kw: dict) -> dict:
+    """LayersConfig keyword arguments from the options every analysis shares (consumes them from `kw`)."""
+    enc = {k: kw.pop(k) for k in ("max_length", "loss_on", "truncation", "chat", "system_prompt", "append_eos")}
+    summary = {k: kw.pop(k) for k in ("reference", "n_boot", "n_perm") if k in kw}
+    kw["kinds"] = split_csv(kw["kinds"])
+    kw["attn_implementation"] = kw.pop("attn")
+    return dict(kw, encode=EncodeOptions(**enc), summary=SummaryOptions(**summary))
 
 
 def _print_summary_on_main(path: Path, quiet: bool) -> None:

@@ -10,7 +10,7 @@ import typer
 
 
 def report(
-    run: Path = typer.Argument(..., help="run directory written by `gradsight layers` or `gradsight demo`"),
+    run: Path = typer.Argument(..., help="run directory written by `gradsight layers`, `geometry` or `demo`"),
     reference: Optional[str] = typer.Option(None, help="reference group for relative differences"),
     n_boot: Optional[int] = typer.Option(None, help="bootstrap resamples (default: the run's)"),
     n_perm: Optional[int] = typer.Option(None, help="permutations (default: the run's)"),
@@ -24,7 +24,13 @@ def report(
     from ..store import read_manifest
 
     manifest = read_manifest(run)
-    if recompute:
+    if recompute and manifest.get("analysis") == "geometry":
+        from ..config import GeometryConfig
+        from ..geometry import summarize_geometry
+
+        cfg = GeometryConfig.from_dict(manifest["config"])
+        summarize_geometry(run, replace(cfg, summary=replace(cfg.summary, n_boot=n_boot or cfg.summary.n_boot)))
+    elif recompute:
         cfg = LayersConfig.from_dict(manifest["config"])
         s = cfg.summary
         s = replace(s, reference=reference if reference is not None else s.reference,
