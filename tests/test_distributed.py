@@ -55,3 +55,29 @@ def test_torchrun_two_processes_equal_one(tmp_path, model_dir, data_file):
         for c in set(num) - set(exact):
             assert ((a[c] - b[c]).abs().fillna(0) <= 0.01).all(), (name, c)
     assert (two / "report.html").exists()
+
+
+def test_torchrun_geometry_equals_one_process(tmp_path, model_dir):
+    from test_geometry_pipeline import _write, mixed_records
+
+    data = _write(tmp_path / "mixed.jsonl", mixed_records(2))
+    common = ["geometry", "--model", str(model_dir), "--data", str(data), "--max-length", "256",
+              "--dtype", "float64", "--attn", "eager", "--n-boot", "100", "--kinds", "q,v,down",
+              "--token-budget", "800", "--r-model", "64", "--quiet", "--no-report"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    p = subprocess.run([sys.executable, "-m", "gradsight", *common, "--out", str(one)], capture_output=True,
+                       text=True, env=_env(), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    p = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "gradsight", *common,
+                        "--out", str(two)], capture_output=True, text=True, env=_env(), timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert {f.name.split("-")[0] for f in (two / "features").glob("*.safetensors")} == {"r0", "r1"}
+    for name in ("group_cosines", "pairs", "coherence", "terms", "entanglement", "entanglement_summary",
+                 "psr_nsr", "diversity", "noise", "scores"):
+        a, b = pd.read_parquet(one / f"{name}.parquet"), pd.read_parquet(two / f"{name}.parquet")
+        assert a.shape == b.shape, name
+        num = [c for c in a.columns if a[c].dtype.kind == "f"]
+        pd.testing.assert_frame_equal(a.drop(columns=num), b.drop(columns=num), obj=name)
+        # features are float32: the Gram blocks of two processes agree with one process to that floor
+        pd.testing.assert_frame_equal(a[num], b[num], rtol=1e-4, atol=1e-8, obj=name)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from gradsight import store
 from gradsight.config import GeometryConfig, SummaryOptions
 from gradsight.data import DataError, EncodeOptions, collate, encode, load_records
-from gradsight.demo.problems import demo_records
+from gradsight.demo.problems import demo_records, geometry_records
 from gradsight.features import Projector
 from gradsight.geometry import (MODEL_KEY, _scope_tables, expand_units, run_geometry, select,
                                 summarize_geometry, unit_labels)
@@ -32,22 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def mixed_records(n_problems: int = 3) -> list[dict]:
-    """Plain fast/slow/wrong answers, preference pairs (chosen = slow, rejected = wrong), rewarded rollouts
-    and two named terms per problem."""
-    recs = demo_records(n_problems=n_problems)
-    by: dict[int, dict] = {}
-    for r in recs:
-        by.setdefault(r["problem"], {})[r["group"]] = r
-    out = [{k: r[k] for k in ("id", "group", "prompt", "response")} for r in recs]
-    for p, d in by.items():
-        q = d["slow"]["prompt"]
-        out.append({"id": f"pair{p}", "group": "pairs", "prompt": q, "chosen": d["slow"]["response"],
-                    "rejected": d["wrong"]["response"]})
-        for g, reward in (("fast", 1), ("slow", 1.0), ("wrong", False)):
-            out.append({"id": f"roll{p}{g}", "group": "rollouts", "prompt": q, "response": d[g]["response"],
-                        "reward": reward})
-        out.append({"id": f"terms{p}", "group": "multi", "prompt": q,
-                    "terms": {"sft": d["slow"]["response"], "aux": d["fast"]["response"]}})
+    """The geometry demo's records (plain answers, preference pairs, rewarded rollouts) plus two named terms
+    per problem."""
+    out = geometry_records(n_problems)
+    for r in demo_records(n_problems=n_problems):
+        if r["group"] == "slow":
+            out.append({"id": f"terms{r['problem']}", "group": "multi", "prompt": r["prompt"],
+                        "terms": {"sft": r["response"], "aux": r["response"].split("\n")[-1]}})
     return out
 
 
@@ -73,7 +64,7 @@ def reference_grads(model, cfg: GeometryConfig, records: list[dict]) -> tuple[li
     """Materialised per-unit gradients {layer: (n, d_out, d_in)}, one backward per unit (the slow path)."""
     recs, bad = load_records(records, terms=True)
     units, _ = expand_units(recs, bad)
-    layers = select_layers(model, kinds=cfg.kinds)
+    layers = select_layers(model, kinds=cfg.kinds or None, pattern=cfg.pattern)
     mods = dict(model.named_modules())
     weights = [mods[li.name].weight for li in layers]
     loss_sum = loss_fn_for(model, "sum")
@@ -98,7 +89,7 @@ def test_exact_mode_equals_materialised_reference(tmp_path, model64):
     res = run_geometry(cfg, tmp_path / "exact", progress=False, report=False, model=model64,
                        tokenizer=tiny_tokenizer(), records=records)
     ex = read_examples(res.path)
-    assert (ex["status"] == "ok").all() and len(ex) == 9 + 3 * (2 + 3 + 2)
+    assert (ex["status"] == "ok").all() and len(ex) == 9 + 3 * (2 + 2 + 2)
     idx, M = reference_grads(model64, cfg, records)
     assert idx == ex["idx"].tolist()
     # exact Grams per layer = Gram of the flattened materialised gradients
@@ -150,6 +141,27 @@ def test_projected_features_are_the_dense_projection_of_materialised_gradients(t
     # features are computed in float32: compare to the float32 floor relative to the feature scale
     torch.testing.assert_close(feats[MODEL_KEY].double(), model_feat, rtol=1e-5,
                                atol=1e-5 * float(model_feat.abs().max()))
+
+
+def test_norm_layers_through_torch_func_exact_and_dense_projection(tmp_path, model64):
+    """A non-linear module (RMSNorm weight, torch.func backend) next to a linear one: exact Gram and the
+    dense projection both match the materialised reference."""
+    records = mixed_records(1)
+    kw = dict(kinds=(), pattern=r"layers\.1\.(post_attention_layernorm|mlp\.down_proj)$", spectra=False)
+    cfg = _cfg(exact=True, r_dense=8, **kw)
+    ex_run = run_geometry(cfg, tmp_path / "exact", progress=False, report=False, model=model64,
+                          tokenizer=tiny_tokenizer(), records=records)
+    idx, M = reference_grads(model64, cfg, records)
+    assert "model.layers.1.post_attention_layernorm" in M
+    g = load_file(str(ex_run.path / "tensors" / "exact_gram.safetensors"))
+    for name, m in M.items():
+        F = m.reshape(len(idx), -1)
+        torch.testing.assert_close(g[name], F @ F.T, rtol=1e-9, atol=1e-12)
+    _, feats = read_features(ex_run.path)
+    norm = "model.layers.1.post_attention_layernorm"
+    P = Projector(cfg.projection(), dtype=torch.float64).matrix(norm, "dense", 8, M[norm][0].numel())
+    torch.testing.assert_close(feats[norm].double(), M[norm].reshape(len(idx), -1) @ P.T, rtol=1e-5,
+                               atol=1e-5 * float(M[norm].abs().max()))
 
 
 def test_features_do_not_depend_on_batch_companions_or_padding(tmp_path, model64):
@@ -285,6 +297,13 @@ def test_cli_geometry_then_select(tmp_path, model_dir):
                  "psr_nsr", "diversity", "noise", "scores"):
         assert (run / f"{name}.parquet").exists(), name
     assert (run / "report.html").exists()
+    before = pd.read_parquet(run / "pairs.parquet")
+    (run / "report.html").unlink()
+    p = subprocess.run([sys.executable, "-m", "gradsight", "report", str(run), "--n-boot", "50", "--quiet"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (run / "report.html").exists()
+    pd.testing.assert_frame_equal(before, pd.read_parquet(run / "pairs.parquet"))  # recomputed identically
     out = tmp_path / "chosen.txt"
     p = subprocess.run([sys.executable, "-m", "gradsight", "select", str(run), "-k", "3", "--diverse",
                         "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)

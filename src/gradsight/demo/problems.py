@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["GROUPS", "demo_records", "write_demo_jsonl"]
+__all__ = ["GROUPS", "demo_records", "geometry_records", "write_demo_jsonl"]
 
 GROUPS = ("fast", "slow", "wrong")
 
@@ -341,6 +341,31 @@ def demo_records(n_problems: int = 72, seed: int = 0) -> list[dict]:
                 "response": responses[group], "problem": p, "answer": answer,
             })
     return records
+
+
+def geometry_records(n_problems: int = 30, seed: int = 0) -> list[dict]:
+    """The geometry demo: per problem, the three plain answers (groups fast / slow / wrong), a preference pair
+    (group "pairs": chosen = the correct step-by-step answer, rejected = the wrong step-by-step answer) and
+    two rewarded rollouts in GSM8K's final-answer format (group "rollouts": "#### <answer>" with reward 1 and
+    "#### <the wrong result>" with reward 0; a format no other unit uses, so no rollout repeats another
+    unit's sequence).
+
+    ``7 * n_problems`` loss terms from ``5 * n_problems`` records; deterministic in seed.
+    """
+    recs = demo_records(n_problems, seed)
+    by: dict[int, dict] = {}
+    for r in recs:
+        by.setdefault(r["problem"], {})[r["group"]] = r
+    out = [{k: r[k] for k in ("id", "group", "prompt", "response")} for r in recs]
+    for p, d in by.items():
+        q = d["slow"]["prompt"]
+        out.append({"id": f"p{p:03d}-pair", "group": "pairs", "prompt": q, "chosen": d["slow"]["response"],
+                    "rejected": d["wrong"]["response"]})
+        wrong_result = d["wrong"]["response"].splitlines()[-1].removeprefix("The answer is ").rstrip(".")
+        for name, resp, reward in (("correct", f"#### {d['slow']['answer']}", 1), ("wrong", f"#### {wrong_result}", 0)):
+            out.append({"id": f"p{p:03d}-rollout-{name}", "group": "rollouts", "prompt": q, "response": resp,
+                        "reward": reward})
+    return out
 
 
 def write_demo_jsonl(path: str | Path, n_problems: int = 72, seed: int = 0) -> Path:
