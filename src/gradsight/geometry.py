@@ -179,10 +179,13 @@ def batch_units(model, layers: list[LayerInfo], batch: dict[str, torch.Tensor], 
         if bad:
             for g in grads.values():
                 g.zero_examples(sorted(bad))
-        sq = sum((g.sq_norms().double().cpu() for g in grads.values()), torch.zeros(len(scale), dtype=torch.float64))
         feats = maker(grads)
         stats = (batch_spectra(grads, route=cfg.route, erank_weights=cfg.erank_weights, rel_tol=cfg.rel_tol)
                  if cfg.spectra else None)
+        if stats is not None:  # the spectra already hold ||M_e||_F
+            sq = sum(st["frobenius"].double().cpu() ** 2 for st in stats.values())
+        else:
+            sq = sum(g.sq_norms().double().cpu() for g in grads.values())
         if exact is not None:
             exact.add(grads, idx)
     return losses.detach(), feats, stats, sq, bad
