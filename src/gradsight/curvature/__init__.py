@@ -1,0 +1,24 @@
+"""Curvature of the loss: matrix-free Hessian, generalized Gauss-Newton and Fisher operators.
+
+Algorithms (Lanczos, Hutchinson trace, spectral density) live in sibling modules and use only the
+`CurvatureOperator` interface: `dim`, `dtype`, `device`, `n_products`, `matvec`, `matmat`, `dense`,
+`params`, `flatten`, `unflatten`.
+"""
+
+from __future__ import annotations
+
+from .operators import (
+    LOSSES,
+    CurvatureOperator,
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+    causal_lm_forward,
+    default_forward,
+    select_params,
+)
+
+__all__ = [
+    "CurvatureOperator", "HessianOperator", "GGNOperator", "FisherOperator",
+    "select_params", "default_forward", "causal_lm_forward", "LOSSES",
+]
