@@ -36,8 +36,12 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests
 
+# The curvature benchmark compares against two reference packages (old releases that pin nothing we need):
+# installed --no-deps so they can never pull another torch.
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps "pyhessian==0.1" "loss-landscapes==3.0.6"
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/curvature.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

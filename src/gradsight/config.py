@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .data import EncodeOptions
 
-__all__ = ["LayersConfig", "GeometryConfig", "SummaryOptions", "semantic_dict", "config_hash"]
+__all__ = ["LayersConfig", "GeometryConfig", "CurvatureConfig", "LandscapeConfig", "SummaryOptions", "semantic_dict",
+           "config_hash"]
 
 
 def _f(default, help: str, resume: bool = True, **kw):
@@ -162,3 +163,130 @@ class GeometryConfig(LayersConfig):
 
         return ProjectionSpec(r_in=self.r_in, r_out=self.r_out, r_dense=self.r_dense, kind=self.proj_kind,
                               seed=self.seed)
+
+
+OPERATORS = ("hessian", "ggn", "fisher_true", "fisher_mc", "fisher_empirical")
+SCOPE_TYPES = ("model", "layer", "kind", "block")
+
+
+def _csv_tuple(v) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        return tuple(s.strip() for s in v.split(",") if s.strip())
+    return tuple(v)
+
+
+@dataclass(frozen=True)
+class CurvatureConfig(LayersConfig):
+    """Options of `gradsight curvature` (Hessian / GGN / Fisher spectra, trace, density, stability).
+
+    The objective is the token-mean cross-entropy over ALL supervised tokens of the (capped) data set,
+    pooled across examples (`curvature.operators` "rows" convention); `reduction` does not apply. Scopes
+    are parameter blocks made of the weights of the selected linear layers: the whole selection ("model"),
+    each layer, each kind, each transformer block.
+    """
+
+    operator: str = _f("hessian", "curvature matrix: hessian, ggn, fisher_true, fisher_mc, fisher_empirical")
+    method: str = _f("double_backward", "product method: double_backward (reverse over reverse; GGN/Fisher: "
+                                        "double-vjp) or forward_over_reverse (forward-mode AD)")
+    per: tuple[str, ...] = _f(("model", "block"), "scopes: model, layer, kind, block (comma-separated)")
+    top_k: int = _f(5, "largest eigenvalues per scope (Lanczos)")
+    bottom_k: int = _f(0, "smallest eigenvalues per scope (same Krylov space; 0 = none)")
+    tol: float = _f(1e-4, "Lanczos stopping rule: residual <= tol * |eigenvalue| (eigenvalue error ~ tol^2)")
+    max_iter: int | None = _f(None, "maximum Lanczos products per scope (default min(dim, max(300, 20 k)))")
+    n_products: int = _f(99, "Hutch++ trace budget (products) per scope")
+    density_scopes: tuple[str, ...] = _f(("model",), "scope types with an SLQ spectral density")
+    n_probes: int = _f(3, "SLQ probe vectors")
+    n_steps: int = _f(60, "SLQ Lanczos steps per probe")
+    max_vectors: int | None = _f(None, "SLQ: bound on stored Lanczos vectors (default: all, full "
+                                       "re-orthogonalisation)")
+    mc_samples: int = _f(1, "fisher_mc: sampled labels per token")
+    lr: float | None = _f(None, "learning rate: report the stability numbers lr * lambda_max and lr * trace "
+                                "against 2")
+    n_examples: int | None = _f(None, "use only the first N usable examples (by record order)")
+
+    def __post_init__(self):
+        object.__setattr__(self, "per", _csv_tuple(self.per))
+        object.__setattr__(self, "density_scopes", _csv_tuple(self.density_scopes))
+        super().__post_init__()
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"curvature needs dtype float32 or float64 (half-precision products overflow); "
+                             f"got {self.dtype!r}")
+        if self.operator not in OPERATORS:
+            raise ValueError(f"operator must be one of {', '.join(OPERATORS)}; got {self.operator!r}")
+        if self.method not in ("double_backward", "forward_over_reverse"):
+            raise ValueError(f"method must be double_backward or forward_over_reverse; got {self.method!r}")
+        for name in ("per", "density_scopes"):
+            bad = [s for s in getattr(self, name) if s not in SCOPE_TYPES]
+            if bad:
+                raise ValueError(f"{name}: unknown scope type {bad[0]!r}; expected some of {', '.join(SCOPE_TYPES)}")
+        if not self.per:
+            raise ValueError("per: choose at least one scope type (model, layer, kind, block)")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+        if self.bottom_k < 0:
+            raise ValueError(f"bottom_k must be >= 0, got {self.bottom_k}")
+        if not (self.tol > 0):
+            raise ValueError(f"tol must be > 0, got {self.tol}")
+        for name, lo in (("n_products", 3), ("n_probes", 1), ("n_steps", 1), ("mc_samples", 1)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"{name} must be at least {lo}, got {getattr(self, name)}")
+        if self.max_iter is not None and self.max_iter < 1:
+            raise ValueError(f"max_iter must be at least 1, got {self.max_iter}")
+        if self.max_vectors is not None and self.max_vectors < 2:
+            raise ValueError(f"max_vectors must be at least 2, got {self.max_vectors}")
+        if self.n_examples is not None and self.n_examples < 1:
+            raise ValueError(f"n_examples must be at least 1, got {self.n_examples}")
+        if self.lr is not None:
+            import math
+
+            if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+                raise ValueError(f"lr must be a finite learning rate > 0, got {self.lr!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        d = dict(d)
+        for k in ("per", "density_scopes"):
+            if k in d:
+                d[k] = tuple(d[k] or ())
+        return super().from_dict.__func__(cls, d)
+
+
+@dataclass(frozen=True)
+class LandscapeConfig(LayersConfig):
+    """Options of `gradsight landscape` (loss along 1-D slices / 2-D grids of the selected layers' weights).
+
+    The loss is the curvature objective (token-mean over all supervised tokens, pooled), evaluated in eval
+    mode at theta* + alpha d1 (+ beta d2); non-finite points are recorded as NaN.
+    """
+
+    kind: str = _f("random", "directions: random (filter-normalised Gaussian), hessian (top-2 eigenvectors of "
+                             "a curvature run, --from-curvature), interpolate (towards --to)")
+    dims: int = _f(2, "1 (slice) or 2 (grid)")
+    steps: int = _f(11, "points per axis")
+    span: float = _f(1.0, "alpha, beta range: [-span, span] (interpolate: t in [0, 1] widened by span - 1 "
+                          "on both sides when span > 1)")
+    from_curvature: str | None = _f(None, "curvature run directory holding the eigenvectors (kind hessian)")
+    to: str | None = _f(None, "second model for kind interpolate (same architecture)")
+    norm: str = _f("filter", "random direction normalisation: filter, layer, weight, dfilter, dlayer, none")
+    n_examples: int | None = _f(None, "use only the first N usable examples (by record order)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kind not in ("random", "hessian", "interpolate"):
+            raise ValueError(f"kind must be random, hessian or interpolate; got {self.kind!r}")
+        if self.dims not in (1, 2):
+            raise ValueError(f"dims must be 1 or 2, got {self.dims}")
+        if self.steps < 2:
+            raise ValueError(f"steps must be at least 2, got {self.steps}")
+        if not (self.span > 0):
+            raise ValueError(f"span must be > 0, got {self.span}")
+        if self.kind == "hessian" and not self.from_curvature:
+            raise ValueError("kind hessian needs --from-curvature RUN (a curvature run with eigenvectors)")
+        if self.kind == "interpolate" and not self.to:
+            raise ValueError("kind interpolate needs --to MODEL (the other end of the segment)")
+        if self.norm not in ("filter", "layer", "weight", "dfilter", "dlayer", "none"):
+            raise ValueError(f"norm must be filter, layer, weight, dfilter, dlayer or none; got {self.norm!r}")
+        if self.n_examples is not None and self.n_examples < 1:
+            raise ValueError(f"n_examples must be at least 1, got {self.n_examples}")

@@ -463,7 +463,7 @@ def summarize_geometry(run: Path, cfg: GeometryConfig | None = None, *, info=Non
     for k, df in tables.items():  # model, kinds, blocks, layers
         tables[k] = df.sort_values("scope", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
     tables["diversity"], model_F = _diversity(run, ex, cfg, info)
-    tables["noise"] = _noise(run, ex, names, layers)
+    tables["noise"] = _noise(run, ex, names, layers, n_boot, cfg.seed)
     tables["scores"] = _scores(run, ex, cfg, scope_K.get("model"), model_F)
     for name, df in tables.items():
         write_parquet(df, run / f"{name}.parquet")
@@ -518,7 +518,7 @@ def _model_features(run: Path, ex: pd.DataFrame) -> torch.Tensor | None:
     return feats[MODEL_KEY][[pos[int(i)] for i in ex["idx"]]].double()
 
 
-def _noise(run: Path, ex: pd.DataFrame, names: list[str], layers: list[dict]) -> pd.DataFrame:
+def _noise(run: Path, ex: pd.DataFrame, names: list[str], layers: list[dict], n_boot: int, seed: int) -> pd.DataFrame:
     """B_simple and GSNR per layer and total, per label and over all plain units (all units if none)."""
     fidx, feats = read_features(run, names)
     pos = {int(i): p for p, i in enumerate(fidx.tolist())}
@@ -534,7 +534,7 @@ def _noise(run: Path, ex: pd.DataFrame, names: list[str], layers: list[dict]) ->
         sel = [pos[int(i)] for i in sub["idx"]]
         F = {name: feats[name][sel].double() for name in names}
         df = per_layer_noise(F)
-        ci = noise_scale_ci(torch.cat([F[nm] for nm in names], dim=1), n_boot=200, seed=0)
+        ci = noise_scale_ci(torch.cat([F[nm] for nm in names], dim=1), n_boot=n_boot, seed=seed)
         df["b_ci_lo"] = np.where(df["layer"] == "total", ci["lo"], np.nan)
         df["b_ci_hi"] = np.where(df["layer"] == "total", ci["hi"], np.nan)
         df.insert(0, "label", label)

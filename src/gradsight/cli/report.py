@@ -10,7 +10,7 @@ import typer
 
 
 def report(
-    run: Path = typer.Argument(..., help="run directory written by `gradsight layers`, `geometry` or `demo`"),
+    run: Path = typer.Argument(..., help="run directory written by `gradsight layers`, `geometry`, `curvature`, `landscape` or `demo`"),
     reference: Optional[str] = typer.Option(None, help="reference group for relative differences"),
     n_boot: Optional[int] = typer.Option(None, help="bootstrap resamples (default: the run's)"),
     n_perm: Optional[int] = typer.Option(None, help="permutations (default: the run's)"),
@@ -24,7 +24,10 @@ def report(
     from ..store import read_manifest
 
     manifest = read_manifest(run)
-    if recompute and manifest.get("analysis") == "geometry":
+    analysis = manifest.get("analysis", "layers")
+    if analysis in ("curvature", "landscape"):
+        pass  # their tables are final when the run ends (nothing is resampled); the report renders them
+    elif recompute and analysis == "geometry":
         from ..config import GeometryConfig
         from ..geometry import summarize_geometry
 

@@ -1,7 +1,8 @@
 """Reports of a saved run: a self-contained HTML page and a compact terminal summary.
 
 Both read the run directory only (manifest.json and the parquet tables); neither loads a model nor
-recomputes statistics. The manifest's "analysis" field picks the renderer (layers or geometry).
+recomputes statistics. The manifest's "analysis" field picks the renderer (layers, geometry, curvature
+or landscape).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ def analysis_of(run_dir: Path | str) -> str:
 
 def render_html(run_dir: Path | str, out: Path | str | None = None) -> Path:
     """Write RUN/report.html (or `out`) for a layers or geometry run; returns the path."""
+    if analysis_of(run_dir) in ("curvature", "landscape"):
+        from .curvature import render_curvature_html
+
+        return render_curvature_html(run_dir, out)
     if analysis_of(run_dir) == "geometry":
         from .geometry import render_geometry_html
 
@@ -30,6 +35,10 @@ def render_html(run_dir: Path | str, out: Path | str | None = None) -> Path:
 
 def print_summary(run_dir: Path | str, console=None) -> None:
     """Terminal summary of a layers or geometry run."""
+    if analysis_of(run_dir) in ("curvature", "landscape"):
+        from .curvature import print_curvature_summary
+
+        return print_curvature_summary(run_dir, console)
     if analysis_of(run_dir) == "geometry":
         from .geometry import print_geometry_summary
 
