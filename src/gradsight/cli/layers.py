@@ -50,9 +50,9 @@ def layers(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or summary"),
 ):
     """Per-example, per-layer gradient norms and spectra, compared across the data's groups."""
+    kw = dict(locals())  # the options only: nothing else is bound yet
     from ..pipeline import run_layers
 
-    kw = dict(locals())
     out, quiet, no_report = kw.pop("out"), kw.pop("quiet"), kw.pop("no_report")
     cfg = LayersConfig(**config_kwargs(kw))
     result = run_layers(cfg, out, progress=not quiet, report=not no_report)
