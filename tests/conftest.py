@@ -29,3 +29,15 @@ def data_file(tmp_path_factory):
         for r in demo_records(n_problems=8):
             fh.write(json.dumps(r) + "\n")
     return p
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests: on a shared 2-core machine OpenMP spin-waiting
+    makes tiny BLAS calls with 2 threads up to ~1000x slower than with 1."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

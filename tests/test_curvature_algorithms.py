@@ -18,13 +18,7 @@ from gradsight.curvature.trace import hutchinson, hutchpp
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny BLAS calls on a shared 2-core machine: OpenMP spin-waiting makes 2 threads ~1000x slower than 1
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def sym(lam: torch.Tensor, seed: int = 0) -> torch.Tensor:

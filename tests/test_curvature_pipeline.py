@@ -42,12 +42,7 @@ COLUMNS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _rms_norm_float64(self, h):
@@ -181,7 +176,7 @@ def test_report_parses_and_escapes(lm_run):
     p = _Parser()
     p.feed(page)
     n_figs = page.count('class="gs-fig"')
-    assert n_figs >= 4 and p.scripts == 2 + n_figs  # plotly, globals, one per figure: no injected script
+    assert n_figs >= 4 and p.scripts == 3 + n_figs  # plotly, globals, one per figure, widgets: nothing injected
     for needle in ("Top eigenvalue by block", "Spectral density", "Trace", "Stability", "bulk edge"):
         assert needle in page
     from rich.console import Console

@@ -40,7 +40,7 @@ from .data import Encoded, Record, collate, encode, make_batches
 from .features import ExactGramAccumulator, Projector
 from .losses import loss_fn_for
 from .models import LayerInfo
-from .pipeline import _progress, _stats_frame, prepare
+from .pipeline import _progress, _stats_frame, finish, prepare
 from .stats.spectra import batch_spectra
 from .store import (read_examples, read_features, read_layer_stats, read_manifest, write_parquet,
                     write_safetensors)
@@ -293,13 +293,7 @@ def _run(cfg: GeometryConfig, out: Path, info, progress, report, model, tokenize
     tables = summarize_geometry(out, cfg, info=info)
     if info.is_main:
         examples = read_examples(out)
-        store.update_manifest(finished=True, elapsed_s=round(time.perf_counter() - t0, 1),
-                              n_ok=int((examples["status"] == "ok").sum()),
-                              n_skipped=int((examples["status"] != "ok").sum()))
-        if report:
-            from .report import render_html
-
-            render_html(out)
+        finish(store, examples, t0, report)
     dist_.barrier(info)
     return GeometryResult(out, examples, tables)
 

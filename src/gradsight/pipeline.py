@@ -283,15 +283,20 @@ def _run(cfg, out, info, progress, report, model, tokenizer, records, log) -> La
     if info.is_main:
         examples = store.merge_examples()
         tables = summarize_run(out, cfg)
-        store.update_manifest(finished=True, elapsed_s=round(time.perf_counter() - t0, 1),
-                              n_ok=int((examples["status"] == "ok").sum()),
-                              n_skipped=int((examples["status"] != "ok").sum()))
-        if report:
-            from .report import render_html
-
-            render_html(out)
+        finish(store, examples, t0, report)
     dist_.barrier(info)
     return LayersResult(out, examples, tables["summary"] if tables else None)
+
+
+def finish(store: RunStore, examples: pd.DataFrame, t0: float, report: bool) -> None:
+    """Mark a run finished in its manifest (time, counts) and render its report (rank 0)."""
+    store.update_manifest(finished=True, elapsed_s=round(time.perf_counter() - t0, 1),
+                          n_ok=int((examples["status"] == "ok").sum()),
+                          n_skipped=int((examples["status"] != "ok").sum()))
+    if report:
+        from .report import render_html
+
+        render_html(store.path)
 
 
 def _param_fingerprint(model) -> str:
