@@ -10,8 +10,14 @@ Cases (see benchmarks/README.md):
        (+ dense svdvals); accuracy of nuclear norm, sigma1_ratio and erank against the reference.
   2. Synthetic single layer d_in = d_out = 4096: Gram route vs materialise + svdvals.
   3. Peak RSS increase of gradsight vs plain (informational; separate subprocesses).
+  4. Geometry features, SmolLM2, 32 demo examples, 210 layers, r_in = r_out = 16: capture + Kronecker-projected
+       features vs plain forward+backward; vs the naive route (per-example forward+backward at batch size 1,
+       then a dense seeded Gaussian projection of every layer's vec(M_e) to 256 dims, timed on 14 layers and
+       scaled by numel); vs the factored materialise + Kronecker project route (info); peak RSS of the real
+       run_geometry pipeline for n = 16, 32, 64 examples with the same batch limits (subprocesses). Written
+       to results.json under "geometry".
 
-Usage: .venv/bin/python benchmarks/run.py [--quick] [--out benchmarks/results.json]
+Usage: .venv/bin/python benchmarks/run.py [--quick] [--out benchmarks/results.json] [--only geometry]
 The exit code is 0 whenever the measurements ran, also when a goal is missed (the table says MISSED).
 """
 
@@ -218,9 +224,19 @@ class Workload:
     n_tokens: list[list[int]]
 
 
-def load_workload(n_examples: int) -> Workload:
-    from gradsight.data import EncodeOptions, collate, encode, load_records, make_batches
+def workload_records(n_examples: int, cycle: int | None = None) -> list[dict]:
+    """The first n demo records; with `cycle`, the first `cycle` records repeated (new ids) up to n records,
+    so that every n has the same length distribution."""
     from gradsight.demo.problems import demo_records
+
+    if cycle is None:
+        return demo_records()[:n_examples]
+    base = demo_records()[:cycle]
+    return [dict(base[i % cycle], id=f"{base[i % cycle]['id']}-c{i // cycle}") for i in range(n_examples)]
+
+
+def load_workload(n_examples: int, cycle: int | None = None, max_batch: int = 64) -> Workload:
+    from gradsight.data import EncodeOptions, collate, encode, load_records, make_batches
     from gradsight.models import load_model, select_layers
 
     t0 = time.perf_counter()
@@ -230,14 +246,14 @@ def load_workload(n_examples: int) -> Workload:
     layers = select_layers(model)
     named = dict(model.named_modules())
     modules = {li.name: named[li.name] for li in layers}
-    recs, bad = load_records(demo_records()[:n_examples])
+    recs, bad = load_records(workload_records(n_examples, cycle))
     assert not bad and len(recs) == n_examples
     opts = EncodeOptions(max_length=MAX_LENGTH)
     enc = [encode(r, tok, opts) for r in recs]
     assert all(e.ok for e in enc), [e.reason for e in enc if not e.ok]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches, groups, n_tok = [], [], []
-    for b in make_batches(enc, token_budget=TOKEN_BUDGET):
+    for b in make_batches(enc, token_budget=TOKEN_BUDGET, max_batch=max_batch):
         batches.append(collate([enc[i] for i in b], pad))
         groups.append([recs[i].group for i in b])
         n_tok.append([enc[i].n_tokens for i in b])
@@ -556,6 +572,553 @@ def case_memory(args) -> tuple[list[Row], dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# case 4: geometry features (projected per-example gradients, the input of `gradsight geometry`)
+
+GEOM_R = 16  # r_in = r_out: 256 features per layer and example
+GEOM_MEM_MAX_BATCH = 8  # case 4c: same batch composition for every n (full batches of 8 at token_budget 2048)
+
+
+def geometry_projector():
+    from gradsight.features import ProjectionSpec, Projector
+
+    return Projector(ProjectionSpec(r_in=GEOM_R, r_out=GEOM_R))
+
+
+def capture_grads(w: Workload, b: int, loss_fn: Callable) -> dict:
+    """capture() forward + backward of batch b as the pipeline runs it; {layer: FactoredGrad}."""
+    from gradsight.capture import capture
+
+    batch = w.batches[b]
+    with capture(w.model, w.modules) as tape:
+        tape.set_tokens(batch["attention_mask"].bool())
+        losses = loss_fn(w.model, batch)
+        torch.where(torch.isfinite(losses), losses, torch.zeros_like(losses)).sum().backward()
+        return tape.grads()  # the FactoredGrads keep their tensors after the tape is cleared
+
+
+def project_features(proj, grads: dict) -> dict[str, torch.Tensor]:
+    """Kronecker projection from the factors (no materialised gradient); CPU float32 like a feature shard."""
+    return {k: v.to("cpu", torch.float32) for k, v in proj.features(grads).items()}
+
+
+def reference_project(proj, grads: dict, positions: list[int]) -> dict[str, torch.Tensor]:
+    """The naive route: per layer and example, materialise M_e = G_e^T A_e (d_out x d_in, real tokens only,
+    float32) and project it densely with the same matrices, P_out @ M_e @ P_in^T. {layer: (k, r_out*r_in)}."""
+    out = {}
+    for name, g in grads.items():
+        d_in, d_out = g.A.shape[-1], g.G.shape[-1]
+        P_in = proj.matrix(name, "in", GEOM_R, d_in, g.A.device)
+        P_out = proj.matrix(name, "out", GEOM_R, d_out, g.A.device)
+        rows = []
+        for e in positions:
+            tok = g.tokens[e]
+            M = g.G[e, tok].float().T @ g.A[e, tok].float()  # (d_out, d_in) per-example gradient
+            rows.append((P_out @ M @ P_in.T).reshape(-1))
+        out[name] = torch.stack(rows).to("cpu", torch.float32)
+    return out
+
+
+@dataclass
+class Split:
+    """Seconds of the capture part and of the projection part of one timed call (perf_counter inside)."""
+
+    capture: float = 0.0
+    project: float = 0.0
+
+
+def features_batch(w: Workload, b: int, proj, loss_fn: Callable, split: Split | None = None) -> dict:
+    t0 = time.perf_counter()
+    grads = capture_grads(w, b, loss_fn)
+    t1 = time.perf_counter()
+    feats = project_features(proj, grads)
+    if split is not None:
+        split.capture, split.project = t1 - t0, time.perf_counter() - t1
+    return feats
+
+
+def reference_batch(w: Workload, b: int, proj, loss_fn: Callable, positions: list[int],
+                    split: Split | None = None) -> dict:
+    t0 = time.perf_counter()
+    grads = capture_grads(w, b, loss_fn)
+    t1 = time.perf_counter()
+    feats = reference_project(proj, grads, positions)
+    if split is not None:
+        split.capture, split.project = t1 - t0, time.perf_counter() - t1
+    return feats
+
+
+def features_all(w: Workload, proj, loss_fn: Callable) -> Callable[[], list[dict]]:
+    return lambda: [features_batch(w, b, proj, loss_fn) for b in range(len(w.batches))]
+
+
+# the naive route (TRAK-style): materialise every per-example gradient by a per-example backward, then project
+# each layer's vec(M_e) densely with a seeded Gaussian P (r x d_out*d_in), regenerated per layer
+NAIVE_R = GEOM_R * GEOM_R  # same feature size per layer as the Kronecker projection (256)
+NAIVE_BLOCKS = 2  # the dense projection is timed on all layers of this many blocks and scaled by numel
+
+
+def naive_subset(w: Workload) -> list[str]:
+    """All layers of the first and the last block (every kind and shape of the model, 7 per block)."""
+    blocks = sorted({li.block for li in w.layers if li.block >= 0})
+    pick = {blocks[0], blocks[-1]} if NAIVE_BLOCKS == 2 else set(blocks[:NAIVE_BLOCKS])
+    return [li.name for li in w.layers if li.block in pick]
+
+
+def naive_loop(w: Workload, b: int, keep: list[str], positions: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Part 1 of the naive route on batch b: per example, a forward + backward at batch size 1 (the example
+    alone, unpadded) with every selected linear weight requiring grad (`loop_grads`, gradsight's token-mean
+    loss `causal_lm_losses`). The `.grad` of each of the 210 weights is the materialised per-example gradient
+    (cloned by loop_grads); the flattened gradients of the `keep` layers are returned, {layer: (k, numel)}."""
+    from gradsight.capture.loop import loop_grads
+    from gradsight.losses import causal_lm_losses
+
+    batch = w.batches[b]
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in keep}
+    for e in (range(len(batch["input_ids"])) if positions is None else positions):
+        one = {k: v[e : e + 1] for k, v in batch.items()}
+        grads, _ = loop_grads(w.model, w.modules, one, causal_lm_losses)
+        for n in keep:
+            rows[n].append(grads[n].g[0].reshape(-1))
+        del grads
+    return {n: torch.stack(v) for n, v in rows.items()}
+
+
+@dataclass
+class DenseSplit:
+    generate: float = 0.0
+    matmul: float = 0.0
+
+
+def naive_seed(name: str) -> int:
+    import zlib
+
+    return zlib.crc32(f"{name}|naive-dense".encode())
+
+
+def naive_project(grads: dict[str, torch.Tensor], split: DenseSplit | None = None) -> dict[str, torch.Tensor]:
+    """Part 2 of the naive route: per layer, generate a dense seeded Gaussian P (NAIVE_R x numel, entries
+    N(0, 1/NAIVE_R), float32) and project all examples' vec(M_e) at once, (k, numel) @ P^T. One P at a time
+    (the largest is 256 x 884736 float32 = 0.9 GB)."""
+    out = {}
+    for name, M in grads.items():
+        t0 = time.perf_counter()
+        P = torch.randn(NAIVE_R, M.shape[1], generator=torch.Generator().manual_seed(naive_seed(name)),
+                        dtype=torch.float32)
+        P.mul_(NAIVE_R**-0.5)
+        t1 = time.perf_counter()
+        out[name] = M @ P.T
+        t2 = time.perf_counter()
+        del P
+        if split is not None:
+            split.generate += t1 - t0
+            split.matmul += t2 - t1
+    return out
+
+
+def estimator_check(grads: dict[str, torch.Tensor], dense: dict[str, torch.Tensor],
+                    kron: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Projected vs exact inner products of the per-example gradients, per layer, normalised by
+    ||M_i|| ||M_j||. For a Gaussian projection to r dims the error of <P m_i, P m_j> has standard deviation
+    sqrt((1 + cos_ij^2) / r) in these units (sqrt(2 / r) on the diagonal)."""
+    out = {}
+    for name, M in grads.items():
+        M = M.double()
+        K = M @ M.T
+        nrm = K.diagonal().sqrt()
+        den = nrm[:, None] * nrm[None, :]
+        iu = torch.triu_indices(len(K), len(K), 1)
+        cos2 = (K / den)[iu[0], iu[1]] ** 2
+        res = {"expected_offdiag": float(((1 + cos2) / NAIVE_R).mean().sqrt()),
+               "expected_diag": (2 / NAIVE_R) ** 0.5, "mean_abs_cos": float(cos2.sqrt().mean())}
+        for tag, F in (("dense", dense[name]), ("kronecker", kron[name])):
+            F = F.double()
+            E = (F @ F.T - K) / den
+            res[f"{tag}_offdiag_rms"] = float(E[iu[0], iu[1]].pow(2).mean().sqrt())
+            res[f"{tag}_diag_rms"] = float(E.diagonal().pow(2).mean().sqrt())
+        out[name] = res
+    return out
+
+
+def case_geometry(args, w: Workload) -> tuple[list[Row], dict]:
+    from gradsight.losses import loss_fn_for
+
+    rows: list[Row] = []
+    raw: dict = {}
+    proj = geometry_projector()
+    loss_fn = loss_fn_for(w.model)
+    n_ex = sum(len(b["input_ids"]) for b in w.batches)
+    shapes = [tuple(b["input_ids"].shape) for b in w.batches]
+    padded = sum(a * c for a, c in shapes)
+    n_layers = len(w.layers)
+    raw["batches"] = {"shapes": shapes, "padded_tokens": padded}
+    raw["projection"] = {"r_in": GEOM_R, "r_out": GEOM_R, "features_per_example": n_layers * GEOM_R**2}
+    log(f"case 4: {n_ex} examples in batches {shapes}, {n_layers} layers, r_in = r_out = {GEOM_R}")
+
+    # --- 4a features vs a plain training step (minus optimizer), interleaved rounds ---
+    set_requires_grad(w.model, True)
+    fns = {"features": features_all(w, proj, loss_fn), "plain_hf": plain_hf(w), "plain_own_loss": plain_own_loss(w)}
+    log(f"case 4a: warm-up + {args.rounds} interleaved rounds of {', '.join(fns)}")
+    t = interleaved(fns, args.rounds)
+    raw["times"] = {k: [asdict(x) for x in v] for k, v in t.items()}
+    r_hf, note = paired_ratio(t["features"], t["plain_hf"])
+    r_own, note_own = paired_ratio(t["features"], t["plain_own_loss"])
+    rows.append(Row("4a features / plain fwd+bwd (HF loss)", r_hf, "<= 1.5",
+                    f"{note}; features {secs(t['features']):.2f} s, plain {secs(t['plain_hf']):.2f} s for {n_ex} "
+                    f"ex ({padded} padded tokens); capture + {n_layers} layers x {GEOM_R}x{GEOM_R} projections, "
+                    "CPU float32"))
+    rows.append(Row("4a' features / plain fwd+bwd (gradsight loss)", r_own, "info",
+                    f"{note_own}; plain with causal_lm_losses, all params trained: "
+                    f"{secs(t['plain_own_loss']):.2f} s"))
+
+    # --- 4b features vs the naive route (per-example backward + dense projection); 4b2 (info) vs the factored
+    # materialise + Kronecker project route. Per batch: F R F R F N F (F features, R factored materialise,
+    # N the naive per-example loop over the whole batch); then the dense projection of the naive route ---
+    sizes = [len(b["input_ids"]) for b in w.batches]
+    keep = naive_subset(w)
+    numel = {li.name: li.d_in * li.d_out for li in w.layers}
+    proj_scale = sum(numel.values()) / sum(numel[n] for n in keep)
+    log("case 4b: warm-ups (factored reference and naive per-example loop, one example each)")
+    sp = Split()
+    reference_batch(w, len(w.batches) - 1, proj, loss_fn, [0], sp)  # warm-up (untimed)
+    naive_loop(w, len(w.batches) - 1, keep, [0])  # warm-up (untimed)
+    if args.geom_ref_examples == "auto":
+        # estimate from a timed single example of the longest batch, scaled to all examples
+        sp = Split()
+        timed(lambda: reference_batch(w, 0, proj, loss_fn, [0], sp))
+        est = sp.project * n_ex * args.geom_ref_rounds
+        k_total = n_ex if est <= REF_BUDGET_S else max(len(sizes), int(REF_BUDGET_S / sp.project / args.geom_ref_rounds))
+        log(f"  one example's factored materialise + project took {sp.project:.2f} s -> estimated {est:.0f} s "
+            f"for {args.geom_ref_rounds} round(s) of all {n_ex}; running {k_total}")
+    else:
+        k_total = min(int(args.geom_ref_examples), n_ex)
+    per_batch = [max(1, round(k_total * s / n_ex)) for s in sizes]
+    subsets = [spread(s, k) for s, k in zip(sizes, per_batch)]
+    f_tot: list[Sample] = []
+    f_split: list[Split] = []
+    r_tot: list[Sample] = []
+    r_split: list[Split] = []
+    n_tot: list[Sample] = []
+    naive_grads: list[dict[str, torch.Tensor]] = []
+    kron: list[dict[str, torch.Tensor]] = []
+    per_b: list[dict] = []
+    worst, where = 0.0, ""
+    for b, pos in enumerate(subsets):
+        scale = sizes[b] / len(pos)
+        fs, fp, rs, rp = [], [], [], []
+        feats = ref = None
+        for i in range(2 * args.geom_ref_rounds + 1):
+            s = Split()
+            if i % 2 == 0:
+                x, feats = timed(lambda: features_batch(w, b, proj, loss_fn, s))
+                fs.append(x)
+                fp.append(s)
+            else:
+                x, ref = timed(lambda: reference_batch(w, b, proj, loss_fn, pos, s))
+                rs.append(x)
+                rp.append(s)
+        # naive part 1 on the whole batch (one backward per example), then one more features run
+        x, g = timed(lambda: naive_loop(w, b, keep))
+        n_tot.append(x)
+        naive_grads.append(g)
+        s = Split()
+        x, _ = timed(lambda: features_batch(w, b, proj, loss_fn, s))
+        fs.append(x)
+        fp.append(s)
+        kron.append({n: feats[n] for n in keep})
+        # accuracy: the features of the kept positions against the factored materialise route
+        for name, r in ref.items():
+            f = feats[name][pos]
+            d = ((f - r).norm(dim=1) / r.norm(dim=1).clamp_min(1e-30)).max().item()
+            if not d <= worst:
+                worst, where = d, f"{name} (batch {b})"
+        f_tot += fs
+        f_split += fp
+        r_tot += rs
+        r_split += rp
+        f_med = secs(fs)
+        f_proj = statistics.median(s.project for s in fp)
+        # reference scaled to the whole batch: capture (batched, once) + scale * materialise-and-project
+        r_full = [s.capture + scale * s.project for s in rp]
+        r_proj = [scale * s.project for s in rp]
+        clean = [x.clean for x in fs + rs + n_tot[-1:]]
+        per_b.append({"batch": b, "size": sizes[b], "positions": pos, "features_s": f_med,
+                      "features_project_s": f_proj, "reference_s": statistics.median(r_full),
+                      "reference_project_s": statistics.median(r_proj), "naive_loop_s": n_tot[-1].seconds,
+                      "naive_loop_clean": n_tot[-1].clean, "clean": f"{sum(clean)}/{len(clean)}"})
+        log(f"  batch {b} ({sizes[b]} ex): features {f_med:.2f} s (projection {f_proj:.3f} s); factored reference "
+            f"{statistics.median(r_full):.2f} s (materialise + project {statistics.median(r_proj):.2f} s"
+            + (f", scaled from {len(pos)} ex" if len(pos) < sizes[b] else "") + f"); naive per-example loop "
+            f"{n_tot[-1].seconds:.2f} s" + ("" if n_tot[-1].clean else f" (foreign load {n_tot[-1].foreign:.1f})"))
+    f_s = sum(p["features_s"] for p in per_b)
+    r_s = sum(p["reference_s"] for p in per_b)
+    fp_s = sum(p["features_project_s"] for p in per_b)
+    rp_s = sum(p["reference_project_s"] for p in per_b)
+    n_ref = sum(len(p) for p in subsets)
+    n_clean = sum(x.clean for x in f_tot + r_tot)
+
+    # naive part 2: dense projection of the subset layers for all examples at once, scaled to all layers
+    grads = {n: torch.cat([g[n] for g in naive_grads]) for n in keep}
+    del naive_grads
+    kron_all = {n: torch.cat([k[n] for k in kron]) for n in keep}
+    log(f"case 4b: naive dense projection (r = {NAIVE_R}) of {len(keep)} layers x {n_ex} ex, "
+        f"{args.geom_naive_rounds} timing(s); scaled x{proj_scale:.2f} by numel to {n_layers} layers")
+    naive_project({keep[0]: grads[keep[0]][:, :4096]})  # warm-up (untimed)
+    d_tot: list[Sample] = []
+    d_split: list[DenseSplit] = []
+    dense = None
+    for _ in range(args.geom_naive_rounds):
+        ds = DenseSplit()
+        x, dense = timed(lambda: naive_project(grads, ds))
+        d_tot.append(x)
+        d_split.append(ds)
+        log(f"  dense projection of {len(keep)} layers: {x.seconds:.2f} s (generate {ds.generate:.2f} s, "
+            f"matmul {ds.matmul:.2f} s)" + ("" if x.clean else f" (foreign load {x.foreign:.1f})"))
+    loop_s = sum(x.seconds for x in n_tot)
+    dsub_s = secs(d_tot)
+    dgen_s = statistics.median(d.generate for d in d_split)
+    dmm_s = statistics.median(d.matmul for d in d_split)
+    dall_s = dsub_s * proj_scale
+    naive_s = loop_s + dall_s
+    chk = estimator_check(grads, dense, kron_all)
+    del grads, dense
+    n_naive_clean = sum(x.clean for x in n_tot + d_tot)
+    raw["naive"] = {"subset_layers": keep, "projection_scale_by_numel": proj_scale, "r": NAIVE_R,
+                    "loop": [asdict(x) for x in n_tot], "loop_s": loop_s,
+                    "dense_subset": [asdict(x) for x in d_tot], "dense_split": [asdict(d) for d in d_split],
+                    "dense_subset_s": dsub_s, "dense_all_s": dall_s, "total_s": naive_s, "features_s": f_s,
+                    "estimator_check": chk}
+    raw["reference"] = {"subsets": subsets, "per_batch": per_b, "features": [asdict(x) for x in f_tot],
+                        "features_split": [asdict(x) for x in f_split], "reference": [asdict(x) for x in r_tot],
+                        "reference_split": [asdict(x) for x in r_split], "rounds": args.geom_ref_rounds}
+    n_f_clean = sum(x.clean for x in f_tot)
+    rows.append(Row("4b naive / features (end to end)", naive_s / f_s, ">= 10",
+                    f"naive {naive_s:.1f} s = per-example loop {loop_s:.1f} s ({n_ex} ex, batch size 1, "
+                    f"{n_layers} weight grads each) + dense projection {dall_s:.1f} s (r = {NAIVE_R}, seeded "
+                    f"Gaussian P per layer generated + applied; measured {dsub_s:.2f} s on the {len(keep)} layers "
+                    f"of 2 blocks, x{proj_scale:.0f} by numel); features {f_s:.2f} s; "
+                    f"{n_naive_clean}/{len(n_tot) + len(d_tot)} naive and {n_f_clean}/{len(f_tot)} features "
+                    "timings clean"))
+    rows.append(Row("4b' naive part 1: per-example loop / features", loop_s / f_s, "info",
+                    f"forward + backward per example (loop_grads, causal_lm_losses token mean), all {n_layers} "
+                    f"linear weights requiring grad: {loop_s:.1f} s, {loop_s / n_ex:.2f} s/ex"))
+    rows.append(Row("4b'' naive part 2: dense projection / features", dall_s / f_s, "info",
+                    f"{dall_s:.1f} s for {n_layers} layers (scaled); on {len(keep)} layers: generate P "
+                    f"{dgen_s:.2f} s + (n x numel) @ P^T {dmm_s:.2f} s"))
+    offd = sorted(c["dense_offdiag_rms"] for c in chk.values())
+    kro = sorted(c["kronecker_offdiag_rms"] for c in chk.values())
+    exp_ = statistics.median(c["expected_offdiag"] for c in chk.values())
+    rows.append(Row("4b''' dense projection check: inner-product error", statistics.median(offd), "info",
+                    f"RMS over the {n_ex * (n_ex - 1) // 2} example pairs of (<phi_i, phi_j> - <M_i, M_j>) / "
+                    f"(|M_i| |M_j|), median over the {len(keep)} layers (range {offd[0]:.3f}-{offd[-1]:.3f}); "
+                    f"expected sqrt((1 + cos^2) / {NAIVE_R}) = {exp_:.3f} (1/sqrt({NAIVE_R}) = "
+                    f"{NAIVE_R ** -0.5:.4f}); Kronecker features {statistics.median(kro):.3f} "
+                    f"({kro[0]:.3f}-{kro[-1]:.3f})", unit=""))
+    scaled = "" if n_ref == n_ex else f" (run on {n_ref}/{n_ex} ex, materialise+project scaled linearly)"
+    rows.append(Row("4b2 factored materialise + Kronecker project / features", r_s / f_s, "info",
+                    f"{r_s:.2f} s{scaled} = the same batched capture + per example x layer G_e^T A_e + "
+                    f"P_out M_e P_in^T; features {f_s:.2f} s; {n_clean}/{len(f_tot) + len(r_tot)} timings clean"))
+    rows.append(Row("4b2' same, projection stage only", rp_s / fp_s, "info",
+                    f"materialise + project {rp_s:.2f} s vs Kronecker projection from the factors "
+                    f"{fp_s:.3f} s (capture excluded on both sides; timed inside the same calls)"))
+    raw["max_rel_diff"] = {"value": worst, "where": where}
+    rows.append(Row("4b2'' max rel diff features vs factored materialise", worst, "info",
+                    f"||phi_e - phi_ref_e|| / ||phi_ref_e||, {n_ref} ex x {n_layers} layers, float32; worst {where}",
+                    unit="rel"))
+
+    rows += geometry_memory(args, raw)
+    return rows, raw
+
+
+def geometry_memory_child(n: int, cycle: int, max_batch: int) -> None:
+    """Subprocess: load, reset the peak, stream the feature loop over n examples into a list of CPU tensors."""
+    import resource
+
+    from gradsight.losses import loss_fn_for
+
+    w = load_workload(n, cycle=cycle, max_batch=max_batch)
+    proj = geometry_projector()
+    loss_fn = loss_fn_for(w.model)
+    gc.collect()
+    ru_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass  # detected by the parent: hwm_before > rss_before
+    rss0, hwm0 = _status_kb("VmRSS"), _status_kb("VmHWM")
+    store: list[dict[str, torch.Tensor]] = []  # what a feature store holds (one shard per batch)
+    t0 = time.perf_counter()
+    per_batch = []
+    for b in range(len(w.batches)):
+        store.append(features_batch(w, b, proj, loss_fn))
+        per_batch.append({"shape": list(w.batches[b]["input_ids"].shape), "rss_mb": _status_kb("VmRSS") // 1024,
+                          "hwm_mb": _status_kb("VmHWM") // 1024})
+    dt = time.perf_counter() - t0
+    nbytes = sum(t.numel() * t.element_size() for shard in store for t in shard.values())
+    print(json.dumps({"n": n, "batches": [list(x["input_ids"].shape) for x in w.batches],
+                      "rss_before_kb": rss0, "hwm_before_kb": hwm0, "hwm_after_kb": _status_kb("VmHWM"),
+                      "rss_after_kb": _status_kb("VmRSS"), "ru_maxrss_load_kb": ru_load,
+                      "ru_maxrss_after_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "feature_bytes": nbytes, "seconds": dt, "per_batch": per_batch,
+                      "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}))
+
+
+def geometry_pipeline_child(n: int, cycle: int, max_batch: int) -> None:
+    """Subprocess: load, reset the peak, run the real `run_geometry` pipeline over n examples (model passed in,
+    so that the RSS after loading can be read first; token_budget as in the other cases, `max_batch`; no report).
+
+    `gradsight.geometry.batch_units` and `summarize_geometry` are wrapped (in this process only) to record the
+    batch shape, VmRSS and VmHWM after every batch and around the summary."""
+    import resource
+    import tempfile
+
+    import gradsight.geometry as geo
+    from gradsight.config import GeometryConfig
+    from gradsight.geometry import run_geometry
+    from gradsight.models import load_model
+
+    trace: list[dict] = []
+
+    def mark(event: str, shape=None) -> None:
+        trace.append({"event": event, **({"shape": shape} if shape else {}),
+                      "rss_mb": _status_kb("VmRSS") // 1024, "hwm_mb": _status_kb("VmHWM") // 1024})
+
+    batch_units, summarize = geo.batch_units, geo.summarize_geometry
+
+    def traced_batch_units(model, layers, batch, *a, **k):
+        out = batch_units(model, layers, batch, *a, **k)
+        mark("batch", list(batch["input_ids"].shape))
+        return out
+
+    def traced_summarize(*a, **k):
+        mark("before summary")
+        out = summarize(*a, **k)
+        mark("after summary")
+        return out
+
+    geo.batch_units, geo.summarize_geometry = traced_batch_units, traced_summarize
+
+    model, tok = load_model(MODEL)
+    model.eval()
+    with tempfile.TemporaryDirectory(prefix="gradsight-bench-") as d:
+        data = Path(d) / "data.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in workload_records(n, cycle)), encoding="utf-8")
+        cfg = GeometryConfig(model=MODEL, data=str(data), token_budget=TOKEN_BUDGET, max_batch=max_batch)
+        gc.collect()
+        ru_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+        rss0, hwm0 = _status_kb("VmRSS"), _status_kb("VmHWM")
+        t0 = time.perf_counter()
+        res = run_geometry(cfg, Path(d) / "run", progress=False, report=False, model=model, tokenizer=tok,
+                           log=lambda m: None)
+        dt = time.perf_counter() - t0
+        n_ok = int((res.examples["status"] == "ok").sum())
+        fbytes = sum(f.stat().st_size for f in (Path(d) / "run" / "features").glob("*.safetensors"))
+        print(json.dumps({"n": n, "mode": "pipeline", "n_ok": n_ok, "rss_before_kb": rss0, "hwm_before_kb": hwm0,
+                          "hwm_after_kb": _status_kb("VmHWM"), "rss_after_kb": _status_kb("VmRSS"),
+                          "ru_maxrss_load_kb": ru_load,
+                          "ru_maxrss_after_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                          "feature_bytes": fbytes, "seconds": dt,
+                          "batches": [t["shape"] for t in trace if t["event"] == "batch"], "trace": trace,
+                          "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}))
+
+
+def _memory_trio(ns: list[int], cycle: int, mode: str, max_batch: int,
+                 env: dict[str, str] | None = None) -> tuple[dict, str]:
+    """Run the memory children (one per n) side by side, with extra environment variables `env` (e.g. glibc
+    malloc tunables); ({n: result}, error message or "")."""
+    procs = {n: subprocess.Popen([sys.executable, __file__, "--_geometry-memory-child", str(n),
+                                  "--geom-memory-cycle", str(cycle), "--geom-memory-mode", mode,
+                                  "--geom-memory-max-batch", str(max_batch)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, **(env or {})}) for n in ns}
+    res, err_msg = {}, ""
+    for n, p in procs.items():
+        out, err = p.communicate()
+        if p.returncode != 0:
+            err_msg = err_msg or f"n={n} subprocess failed: {(err.strip().splitlines() or ['?'])[-1]}"
+            continue
+        res[n] = json.loads(out.strip().splitlines()[-1])
+    return res, err_msg
+
+
+def _memory_rows(ns: list[int], res: dict, mode: str, label: str, goal: str, what: str,
+                 fallback: str = "") -> list[Row]:
+    inc = {n: (r["hwm_after_kb"] - r["rss_before_kb"]) / 1024 for n, r in res.items()}
+    # ru_maxrss (lifetime peak, model loading included) - RSS after load, for the record
+    ru = {n: (r["ru_maxrss_after_kb"] - r["rss_before_kb"]) / 1024 for n, r in res.items()}
+    rows = [Row(f"4c{label} peak RSS increase n={max(ns)} / n={min(ns)}", inc[max(ns)] / inc[min(ns)], goal,
+                f"{fallback}{what}; peak RSS increase (VmHWM reset after load - VmRSS after load): " + ", ".join(
+                    f"n={n} +{inc[n]:.0f} MB" for n in ns) + "; separate processes")]
+    for n in ns:
+        r = res[n]
+        base = r["rss_before_kb"] / 1024
+        shape = (f"{len(r['batches'])} batches (largest {max(b[0] * b[1] for b in r['batches'])} padded tokens); "
+                 if r.get("batches") else "")
+        steps = [t for t in (r.get("trace") or r.get("per_batch") or []) if t.get("shape")]
+        trace = ""
+        if steps:
+            trace = ("RSS after batch 1 / last: +" + f"{steps[0]['rss_mb'] - base:.0f} / +{steps[-1]['rss_mb'] - base:.0f}"
+                     + f" MB, peak after batch 1 / last: +{steps[0]['hwm_mb'] - base:.0f} / "
+                     f"+{steps[-1]['hwm_mb'] - base:.0f} MB; ")
+        rows.append(Row(f"4c{label} peak RSS increase n={n}", inc[n], "info",
+                        f"{mode}: {shape}{trace}RSS after the run +{r['rss_after_kb'] / 1024 - base:.0f} MB; "
+                        f"features {r['feature_bytes'] / 1e6:.1f} MB; ru_maxrss - RSS after load +{ru[n]:.0f} MB; "
+                        f"RSS after load {base:.0f} MB; {r['seconds']:.0f} s", unit=" MB"))
+    return rows
+
+
+def geometry_memory(args, raw: dict) -> list[Row]:
+    ns = args.geom_memory_n
+    cycle = min(ns)
+    mb = args.geom_memory_max_batch
+    name = f"4c peak RSS increase n={max(ns)} / n={min(ns)}"
+    mode = args.geom_memory_mode
+    if mode == "auto":
+        try:
+            from gradsight.geometry import run_geometry  # noqa: F401
+
+            mode = "pipeline"
+        except ImportError:
+            mode = "loop"
+    log(f"case 4c: memory subprocesses ({mode}) n = {ns} (the first {cycle} demo records, cycled; max_batch "
+        f"{mb}) side by side")
+    res, err = _memory_trio(ns, cycle, mode, mb)
+    fallback = ""
+    if err and mode == "pipeline" and args.geom_memory_mode == "auto":
+        log(f"  pipeline failed ({err}); falling back to the feature loop")
+        fallback = f"run_geometry failed ({err}); "
+        mode = "loop"
+        res, err = _memory_trio(ns, cycle, mode, mb)
+    if err:
+        return [Row(name, float("nan"), "info", f"skipped: {err}")]
+    raw["memory"] = {"mode": mode, "max_batch": mb, **{str(n): r for n, r in res.items()}}
+    if any(r["hwm_before_kb"] > r["rss_before_kb"] * 1.05 for r in res.values()):
+        return [Row(name, float("nan"), "info", "skipped: could not reset VmHWM (/proc/self/clear_refs)")]
+    # the goal is stated for 16..64 examples, where every run is cut into full batches of max_batch examples;
+    # the quick run's few examples fit in one or two batches whose size grows with n, so there it is info only
+    goal = "info" if args.quick else "<= 1.2"
+    what = (f"run_geometry(GeometryConfig(token_budget={TOKEN_BUDGET}, max_batch={mb})), model passed in, "
+            "features to safetensors shards" if mode == "pipeline"
+            else f"capture + projection loop (max_batch {mb}), features kept as CPU tensors per batch")
+    rows = _memory_rows(ns, res, mode, "", goal, what, fallback)
+    if args.geom_memory_env:
+        env = dict(kv.split("=", 1) for kv in args.geom_memory_env)
+        tag = " ".join(args.geom_memory_env)
+        log(f"case 4c: memory subprocesses again with {tag}")
+        res2, err2 = _memory_trio(ns, cycle, mode, mb, env)
+        if err2:
+            rows.append(Row(f"4c-env peak RSS increase n={max(ns)} / n={min(ns)}", float("nan"), "info",
+                            f"skipped: {err2}"))
+        else:
+            raw["memory_env"] = {"mode": mode, "max_batch": mb, "env": env, **{str(n): r for n, r in res2.items()}}
+            rows += _memory_rows(ns, res2, mode, "-env", "info", f"as 4c, with {tag}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 
 def machine() -> dict:
@@ -574,6 +1137,9 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
+SECTIONS = {"layers": "1", "synthetic": "2", "memory": "3", "geometry": "4"}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -590,8 +1156,31 @@ def parse_args(argv=None):
     p.add_argument("--max-wait", type=float, default=None,
                    help="seconds to wait for other processes to leave the CPU before each timing (default 60, "
                         "quick 10)")
-    p.add_argument("--cases", default="1,2,3", help="comma-separated subset of cases to run")
+    p.add_argument("--cases", default="1,2,3,4", help="comma-separated subset of cases to run")
+    p.add_argument("--only", default=None,
+                   help="comma-separated sections to run instead of --cases: " + ", ".join(
+                       f"{k} (case {v})" for k, v in SECTIONS.items()))
+    p.add_argument("--geom-ref-examples", default=None,
+                   help="case 4 reference examples ('auto': all if the estimate is under 10 min; quick 2)")
+    p.add_argument("--geom-ref-rounds", type=int, default=None,
+                   help="case 4 reference runs per batch, each between two feature runs (default 2, quick 1)")
+    p.add_argument("--geom-naive-rounds", type=int, default=None,
+                   help="case 4 timings of the naive route's dense projection (default 2, quick 1)")
+    p.add_argument("--geom-memory-n", type=int, nargs="+", default=None,
+                   help="case 4 example counts of the memory subprocesses (default 16 32 64, quick 4 8 16)")
     p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_geometry-memory-child", dest="geometry_memory_child", type=int, default=None,
+                   help=argparse.SUPPRESS)
+    p.add_argument("--geom-memory-cycle", type=int, default=16, help=argparse.SUPPRESS)
+    p.add_argument("--geom-memory-max-batch", type=int, default=GEOM_MEM_MAX_BATCH,
+                   help="case 4 memory: max examples per batch, the same for every n (default %(default)s: with "
+                        "token_budget 2048 every n from 16 up is cut into full batches of this size)")
+    p.add_argument("--geom-memory-env", nargs="*", default=None, metavar="NAME=VALUE",
+                   help="case 4 memory: also run the children with these environment variables (e.g. glibc "
+                        "MALLOC_MMAP_THRESHOLD_=65536) and report that as extra info rows")
+    p.add_argument("--geom-memory-mode", choices=("auto", "pipeline", "loop"), default="auto",
+                   help="case 4 memory: the real run_geometry pipeline (auto: when gradsight.geometry exists, "
+                        "else the capture + projection loop)")
     a = p.parse_args(argv)
     q = a.quick
     a.n_examples = a.n_examples or (4 if q else N_EXAMPLES)
@@ -600,7 +1189,18 @@ def parse_args(argv=None):
     a.synth_d = a.synth_d or (2048 if q else 4096)
     a.synth_repeats = a.synth_repeats if a.synth_repeats is not None else (1 if q else 2)
     a.max_wait = a.max_wait if a.max_wait is not None else (10.0 if q else 60.0)
-    a.cases = {c.strip() for c in a.cases.split(",") if c.strip()}
+    a.geom_ref_examples = a.geom_ref_examples or ("2" if q else "auto")
+    a.geom_ref_rounds = a.geom_ref_rounds or (1 if q else 2)
+    a.geom_naive_rounds = a.geom_naive_rounds or (1 if q else 2)
+    a.geom_memory_n = sorted(a.geom_memory_n or ([4, 8, 16] if q else [16, 32, 64]))
+    if a.only is not None:
+        names = [c.strip() for c in a.only.split(",") if c.strip()]
+        unknown = [c for c in names if c not in SECTIONS]
+        if unknown or not names:
+            p.error(f"--only: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+        a.cases = {SECTIONS[c] for c in names}
+    else:
+        a.cases = {c.strip() for c in a.cases.split(",") if c.strip()}
     return a
 
 
@@ -608,6 +1208,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.memory_child:
         memory_child(args.memory_child, args.n_examples)
+        return 0
+    if args.geometry_memory_child:
+        child = geometry_pipeline_child if args.geom_memory_mode == "pipeline" else geometry_memory_child
+        child(args.geometry_memory_child, args.geom_memory_cycle, args.geom_memory_max_batch)
         return 0
     global MAX_WAIT
     MAX_WAIT = args.max_wait
@@ -627,19 +1231,46 @@ def main(argv=None) -> int:
     if "3" in args.cases:
         r, raw["case3"] = case_memory(args)
         rows += r
+    geo_rows: list[Row] = []
+    if "4" in args.cases:
+        t4 = time.perf_counter()
+        w = load_workload(args.n_examples)
+        geo_rows, geo_raw = case_geometry(args, w)
+        del w
+        gc.collect()
+        geo_elapsed = time.perf_counter() - t4
     elapsed = time.perf_counter() - t0
     m = machine()
     title = (f"gradsight benchmarks ({'quick' if args.quick else 'full'}; {m['cpus']} CPUs, "
              f"{m['torch_threads']} torch threads, {'CUDA' if m['cuda'] else 'no GPU'}; {elapsed:.0f} s)")
-    print_table(rows, title)
-    write_json_atomic(args.out, {
-        "started": started, "elapsed_s": round(elapsed, 1), "mode": "quick" if args.quick else "full",
-        "machine": m, "settings": {"model": MODEL, "n_examples": args.n_examples, "max_length": MAX_LENGTH,
-                                   "token_budget": TOKEN_BUDGET, "rounds": args.rounds,
-                                   "ref_examples": args.ref_examples, "synth_d": args.synth_d,
-                                   "synth_T": args.synth_T, "synth_repeats": args.synth_repeats,
-                                   "max_wait_s": args.max_wait, "quiet_below_foreign_cores": QUIET},
-        "results": [r.to_dict() for r in rows], "raw": raw})
+    print_table(rows + geo_rows, title)
+    try:
+        old = json.loads(args.out.read_text(encoding="utf-8")) if args.out.exists() else {}
+    except (OSError, ValueError):
+        old = {}
+    if args.cases == {"4"}:  # geometry only: keep the other sections of the file as they are
+        doc = {k: v for k, v in old.items() if k != "geometry"}
+    else:
+        doc = {
+            "started": started, "elapsed_s": round(elapsed, 1), "mode": "quick" if args.quick else "full",
+            "machine": m, "settings": {"model": MODEL, "n_examples": args.n_examples, "max_length": MAX_LENGTH,
+                                       "token_budget": TOKEN_BUDGET, "rounds": args.rounds,
+                                       "ref_examples": args.ref_examples, "synth_d": args.synth_d,
+                                       "synth_T": args.synth_T, "synth_repeats": args.synth_repeats,
+                                       "max_wait_s": args.max_wait, "quiet_below_foreign_cores": QUIET},
+            "results": [r.to_dict() for r in rows], "raw": raw}
+    if "4" in args.cases:
+        doc["geometry"] = {
+            "started": started, "elapsed_s": round(geo_elapsed, 1), "mode": "quick" if args.quick else "full",
+            "machine": m, "settings": {"model": MODEL, "n_examples": args.n_examples, "max_length": MAX_LENGTH,
+                                       "token_budget": TOKEN_BUDGET, "rounds": args.rounds, "r_in": GEOM_R,
+                                       "r_out": GEOM_R, "ref_examples": args.geom_ref_examples,
+                                       "ref_rounds": args.geom_ref_rounds, "memory_n": args.geom_memory_n,
+                                       "max_wait_s": args.max_wait, "quiet_below_foreign_cores": QUIET},
+            "results": [r.to_dict() for r in geo_rows], "raw": geo_raw}
+    elif "geometry" in old:  # not run this time: keep the last geometry results
+        doc["geometry"] = old["geometry"]
+    write_json_atomic(args.out, doc)
     log(f"wrote {args.out}")
     return 0
 
