@@ -11,7 +11,6 @@ entity-escaped first (``_ptext``).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +26,6 @@ from .html import (
     _env,
     _floats,
     _order,
-    _plotly_js,
-    _plotly_js_version,
     _ptext,
     _read_table,
     _script_json,
@@ -37,7 +34,7 @@ from .html import (
     _figure,
     fmt_int,
     fmt_num,
-    key_config,
+    run_context,
 )
 
 __all__ = ["render_curvature_html", "print_curvature_summary", "curvature_findings", "load_curvature",
@@ -402,13 +399,10 @@ def _settings(man: dict) -> list[tuple[str, str]]:
 
 
 def build_curvature_context(data: CurvatureData) -> dict:
-    import plotly
-    import plotly.io as pio
     from markupsafe import Markup
 
     man = data.manifest
     model = man.get("model") or {}
-    dsrc = man.get("data") or {}
     figures: list[dict] = []
 
     def fig(fid: str, f: dict | None) -> str | None:
@@ -418,33 +412,16 @@ def build_curvature_context(data: CurvatureData) -> dict:
         return f"fig-{fid}"
 
     land = [{"title": x["title"], "id": fig(f"land-{i}", x["fig"])} for i, x in enumerate(landscape_figures(data))]
-    versions = man.get("versions") or {}
-    if "plotly" not in versions:
-        versions = dict(versions, **{"plotly (report)": plotly.__version__})
     cur = man.get("curvature") or {}
     groups = cur.get("groups") or (man.get("landscape") or {}).get("groups") or {}
     is_land = data.analysis == "landscape"
     return {
+        **run_context(man, data.run_dir),
         "title": f"gradsight {'landscape' if is_land else 'curvature'} report: {model.get('id') or data.run_dir.name}",
         "is_landscape": is_land,
         "operator": _op_name(man),
-        "run_dir": str(data.run_dir),
-        "model_id": model.get("id") or "(unknown)",
-        "fingerprint": model.get("fingerprint") or "",
-        "n_blocks": model.get("n_blocks"),
-        "data_path": dsrc.get("path") or "(unknown)",
-        "data_sha": dsrc.get("sha256") or "",
-        "n_records": dsrc.get("n_records"),
         "groups": [(str(g), int(n)) for g, n in groups.items()],
         "settings": _settings(man),
-        "key_config": key_config(man),
-        "config_json": json.dumps(man.get("config") or {}, indent=2, default=str, ensure_ascii=False),
-        "schema_version": man.get("schema_version"),
-        "config_hash": man.get("config_hash") or "",
-        "created": man.get("created") or "",
-        "seed": man.get("seed"),
-        "world_size": man.get("world_size"),
-        "versions": [(str(k), str(v)) for k, v in versions.items()],
         "notes": data.notes,
         "findings": curvature_findings(data),
         "eigen_rows": eigen_rows(data),
@@ -457,10 +434,6 @@ def build_curvature_context(data: CurvatureData) -> dict:
         "fig_stability": fig("stability", stability_figure(data)),
         "landscape_figs": land,
         "figures": figures,
-        "template_json": Markup(_script_json(pio.templates["plotly_white"].to_plotly_json())),
-        "plotly_config_json": Markup(_script_json({"displaylogo": False, "responsive": True})),
-        "plotly_js": Markup(_plotly_js()),
-        "plotly_version": _plotly_js_version(),
     }
 
 

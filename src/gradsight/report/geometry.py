@@ -36,8 +36,6 @@ from .html import (
     _hex_rgba,
     _isnan,
     _order,
-    _plotly_js,
-    _plotly_js_version,
     _ptext,
     _read_table,
     _script_json,
@@ -46,8 +44,8 @@ from .html import (
     _Subplots,
     fmt_int,
     fmt_num,
-    key_config,
     skip_reason_counts,
+    run_context,
 )
 
 __all__ = [
@@ -993,13 +991,10 @@ def geometry_config(manifest: dict) -> list[tuple[str, str]]:
 
 
 def build_geometry_context(data: GeometryData) -> dict:
-    import plotly
-    import plotly.io as pio
     from markupsafe import Markup
 
     man = data.manifest
     model = man.get("model") or {}
-    dsrc = man.get("data") or {}
     figures: list[dict] = []
 
     def fig(fid: str, f: dict | None) -> str | None:
@@ -1013,35 +1008,13 @@ def build_geometry_context(data: GeometryData) -> dict:
     counts = label_counts(data)
     status = ex["status"] if ex is not None and "status" in ex else pd.Series(dtype=str)
     n_records = int(ex["record_idx"].nunique()) if ex is not None and "record_idx" in ex else None
-    layers = model.get("layers") or []
-    layer_names = [x if isinstance(x, str) else str(x.get("name", x)) if isinstance(x, dict) else str(x)
-                   for x in layers]
-    versions = man.get("versions") or {}
-    if "plotly" not in versions:
-        versions = dict(versions, **{"plotly (report)": plotly.__version__})
     has = {name: _tbl(data, name) is not None for name in REQUIRED + OPTIONAL}
     has["entanglement"] = has["entanglement"] or has["entanglement_summary"]
     ctx = {
+        **run_context(man, data.run_dir),
         "title": f"gradsight geometry report: {model.get('id') or data.run_dir.name}",
-        "run_dir": str(data.run_dir),
-        "model_id": model.get("id") or "(unknown)",
-        "fingerprint": model.get("fingerprint") or "",
-        "n_blocks": model.get("n_blocks"),
-        "n_layers": len(layer_names),
-        "layer_names": layer_names,
         "kinds": data.kinds,
-        "data_path": dsrc.get("path") or "(unknown)",
-        "data_sha": dsrc.get("sha256") or "",
-        "n_records": dsrc.get("n_records"),
-        "schema_version": man.get("schema_version"),
-        "config_hash": man.get("config_hash") or "",
-        "created": man.get("created") or "",
-        "seed": man.get("seed"),
-        "world_size": man.get("world_size"),
-        "versions": [(str(k), str(v)) for k, v in versions.items()],
-        "key_config": key_config(man),
         "geometry_config": geometry_config(man),
-        "config_json": json.dumps(man.get("config") or {}, indent=2, default=str, ensure_ascii=False),
         "ci_level": _ci_level(man),
         "totals": {"units": int(len(ex)) if ex is not None else 0, "ok": int((status == "ok").sum()),
                    "skipped": int((status != "ok").sum()) if len(status) else 0, "records": n_records},
@@ -1078,10 +1051,6 @@ def build_geometry_context(data: GeometryData) -> dict:
         "fig_noise": fig("noise", noise_figure(data)),
         "scores": score_tables(data),
         "figures": figures,
-        "template_json": Markup(_script_json(pio.templates["plotly_white"].to_plotly_json())),
-        "plotly_config_json": Markup(_script_json({"displaylogo": False, "responsive": True})),
-        "plotly_js": Markup(_plotly_js()),
-        "plotly_version": _plotly_js_version(),
     }
     return ctx
 

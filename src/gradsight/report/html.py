@@ -1068,23 +1068,57 @@ def _plotly_js_version() -> str:
     return m.group(1) if m else "?"
 
 
-def build_context(data: RunData) -> dict:
+def run_context(man: dict, run_dir: Path) -> dict:
+    """The template fields every report shares: run, model and data identity, versions, configuration, and
+    the inlined plotly.js with its page-wide template and config."""
     import plotly
-    from markupsafe import Markup
     import plotly.io as pio
+    from markupsafe import Markup
+
+    model = man.get("model") or {}
+    dsrc = man.get("data") or {}
+    layers = model.get("layers") or []
+    layer_names = [x if isinstance(x, str) else str(x.get("name", x)) if isinstance(x, dict) else str(x)
+                   for x in layers]
+    versions = man.get("versions") or {}
+    if "plotly" not in versions:
+        versions = dict(versions, **{"plotly (report)": plotly.__version__})
+    return {
+        "run_dir": str(run_dir),
+        "model_id": model.get("id") or "(unknown)",
+        "fingerprint": model.get("fingerprint") or "",
+        "n_blocks": model.get("n_blocks"),
+        "n_layers": len(layer_names),
+        "layer_names": layer_names,
+        "data_path": dsrc.get("path") or "(unknown)",
+        "data_sha": dsrc.get("sha256") or "",
+        "n_records": dsrc.get("n_records"),
+        "schema_version": man.get("schema_version"),
+        "config_hash": man.get("config_hash") or "",
+        "created": man.get("created") or "",
+        "seed": man.get("seed"),
+        "world_size": man.get("world_size"),
+        "versions": [(str(k), str(v)) for k, v in versions.items()],
+        "key_config": key_config(man),
+        "config_json": json.dumps(man.get("config") or {}, indent=2, default=str, ensure_ascii=False),
+        "template_json": Markup(_script_json(pio.templates["plotly_white"].to_plotly_json())),
+        "plotly_config_json": Markup(_script_json({"displaylogo": False, "responsive": True})),
+        "plotly_js": Markup(_plotly_js()),
+        "plotly_version": _plotly_js_version(),
+    }
+
+
+def build_context(data: RunData) -> dict:
+    from markupsafe import Markup
 
     man = data.manifest
     model = man.get("model") or {}
-    dsrc = man.get("data") or {}
     counts = group_counts(data)
     tot = {
         "records": sum(c["records"] for c in counts),
         "ok": sum(c["ok"] for c in counts),
         "skipped": sum(c["skipped"] for c in counts),
     }
-    layers = model.get("layers") or []
-    layer_names = [x if isinstance(x, str) else str(x.get("name", x)) if isinstance(x, dict) else str(x)
-                   for x in layers]
 
     figures: list[dict] = []
     used_ids: set[str] = set()
@@ -1111,35 +1145,15 @@ def build_context(data: RunData) -> dict:
         heat_metrics = _order(set(lm), data.metrics)
     heat_figs = [f for f in (add_fig("heat", m, heatmap_figure(data, m)) for m in heat_metrics) if f]
 
-    tmpl = pio.templates["plotly_white"].to_plotly_json()
     layer_summary, layer_top = layer_test_summary(data)
     ex_rows, ex_omitted = example_rows(data)
     single_group = len(data.groups) < 2
-    versions = man.get("versions") or {}
-    if "plotly" not in versions:
-        versions = dict(versions, **{"plotly (report)": plotly.__version__})
 
     trows = test_rows(data)
     return {
+        **run_context(man, data.run_dir),
         "title": f"gradsight report: {model.get('id') or data.run_dir.name}",
-        "run_dir": str(data.run_dir),
-        "model_id": model.get("id") or "(unknown)",
-        "fingerprint": model.get("fingerprint") or "",
-        "n_blocks": model.get("n_blocks"),
-        "n_layers": len(layer_names),
-        "layer_names": layer_names,
         "kinds": data.kinds,
-        "data_path": dsrc.get("path") or "(unknown)",
-        "data_sha": dsrc.get("sha256") or "",
-        "n_records": dsrc.get("n_records"),
-        "schema_version": man.get("schema_version"),
-        "config_hash": man.get("config_hash") or "",
-        "created": man.get("created") or "",
-        "seed": man.get("seed"),
-        "world_size": man.get("world_size"),
-        "versions": [(str(k), str(v)) for k, v in versions.items()],
-        "key_config": key_config(man),
-        "config_json": json.dumps(man.get("config") or {}, indent=2, default=str, ensure_ascii=False),
         "counts": [dict(c, n_target=fmt_num(c["n_target"]), n_tokens=fmt_num(c["n_tokens"]), loss=fmt_num(c["loss"]))
                    for c in counts],
         "totals": tot,
@@ -1167,10 +1181,6 @@ def build_context(data: RunData) -> dict:
         "examples_omitted": ex_omitted,
         "max_example_rows": MAX_EXAMPLE_ROWS,
         "statuses": sorted({r["status"] for r in ex_rows}),
-        "template_json": Markup(_script_json(tmpl)),
-        "plotly_config_json": Markup(_script_json({"displaylogo": False, "responsive": True})),
-        "plotly_js": Markup(_plotly_js()),
-        "plotly_version": _plotly_js_version(),
     }
 
 
