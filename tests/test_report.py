@@ -350,18 +350,23 @@ def test_size_for_200_examples_210_layers(tmp_path):
     not CHROMIUM.exists(),
     reason="needs /usr/bin/chromium for the headless render check (`make browser` installs it)",
 )
-def test_chromium_draws_every_figure_without_injection(run, page, tmp_path):
+def chromium_dom(report, tmp_path) -> str:
+    """The DOM of `report` after headless Chromium ran its scripts (plotly drew the figures)."""
     cmd = [
         str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
-        (run / "report.html").as_uri(),
+        Path(report).as_uri(),
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     dom = res.stdout
     assert res.returncode == 0 and "</html>" in dom, res.stderr[-2000:]
+    return dom
+
+
+def assert_drawn_without_injection(dom: str, targets: list[str]) -> None:
+    """Every figure div holds a drawn plot, none failed, and the EVIL text stayed inert, escaped text."""
     assert 'class="main-svg"' in dom
-    targets = [t for body in user_scripts(parse(page)) for t in NEWPLOT.findall(body)]
     starts = sorted((dom.index(f'id="{t}"'), t) for t in targets)
     for i, (pos, t) in enumerate(starts):
         end = starts[i + 1][0] if i + 1 < len(starts) else len(dom)
@@ -372,6 +377,11 @@ def test_chromium_draws_every_figure_without_injection(run, page, tmp_path):
     assert '<script>alert("x")' not in dom
     assert "data-pwned" not in dom
     assert "&lt;/script&gt;&lt;b&gt;INJECTED" in dom
+
+
+def test_chromium_draws_every_figure_without_injection(run, page, tmp_path):
+    dom = chromium_dom(run / "report.html", tmp_path)
+    assert_drawn_without_injection(dom, [t for body in user_scripts(parse(page)) for t in NEWPLOT.findall(body)])
 
 
 # ---------------------------------------------------------------------------------------------------------
