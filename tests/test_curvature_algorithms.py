@@ -338,3 +338,25 @@ def test_nonfinite_product_raises(algo):
            "slq": lambda: slq(bad, dim=20, n_steps=5, dtype=F64)}[algo]
     with pytest.raises(NonFiniteProductError, match="NaN/inf"):
         run()
+
+
+def test_bulk_outliers_finds_separated_top_eigenvalues():
+    # 3 outliers (10, 7, 5) over a bulk in [0, 0.1]: the median of the SLQ measure sits in the bulk and the
+    # largest log-gap of the top-8 eigenvalues' distance to it is between 5 and the bulk's largest value
+    from gradsight.curvature.density import bulk_outliers, measure_quantile, outlier_split
+
+    g = torch.Generator().manual_seed(0)
+    d = torch.cat([torch.tensor([10.0, 7.0, 5.0], dtype=F64), torch.rand(997, generator=g, dtype=F64) * 0.1])
+    top = lanczos(lambda v: d * v, dim=1000, k=8, tol=1e-10, dtype=F64).eigenvalues
+    r = slq(lambda v: d * v, dim=1000, n_probes=3, n_steps=40, dtype=F64)
+    b = measure_quantile(r, 0.5)
+    assert 0.0 <= b <= 0.1
+    s = bulk_outliers(r, top)
+    assert s["n_outliers"] == 3 and s["bulk_edge"] == pytest.approx(float(d[3:].max()), rel=1e-8)
+    assert not s["saturated"] and s["gap_margin"] > 3.0
+    assert s["mass_above_edge"] * 1000 == pytest.approx(3, abs=1.5)  # the density side agrees roughly
+    # scale-free, and the computed range bounds the count
+    assert outlier_split(5.0 * top, 5.0 * b)["n_outliers"] == 3
+    assert outlier_split(top[:4], b)["saturated"]  # split right before the last computed eigenvalue
+    with pytest.raises(ValueError, match="quantile"):
+        measure_quantile(r, 1.5)

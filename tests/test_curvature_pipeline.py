@@ -363,3 +363,83 @@ def test_landscape_non_finite_points_are_nan(tmp_path):
     assert list(f["finite"]) == [False, True, False] and f["loss"].isna().tolist() == [True, False, True]
     assert r.meta["n_nonfinite"] == 2
     assert "2 points had a non-finite loss" in (tmp_path / "nan" / "report.html").read_text()
+
+
+def test_trace_scopes_and_bulk_outliers_in_the_criteria(tmp_path):
+    model, batches = _mlp_problem()
+    r = curvature_of(model, "cross_entropy", batches, tmp_path / "t", per=("model", "block"), top_k=4,
+                     n_products=30, n_probes=2, n_steps=20, trace_scopes=("model",))
+    tr = r.tables["trace"]
+    assert tr["scope"].tolist() == ["model"]  # the blocks computed no trace
+    assert set(r.tables["eigenvalues"]["scope"]) == {"model", "block:0", "block:2"}
+    cr = r.tables["spectral_criteria"].set_index("scope").loc["model"]
+    ev = r.tables["eigenvalues"]
+    tops = ev[(ev["scope"] == "model") & (ev["which"] == "top")]["eigenvalue"].to_numpy()
+    from gradsight.curvature.density import outlier_split
+
+    want = outlier_split(tops, cr["bulk_ref"])
+    assert cr["n_outliers"] == want["n_outliers"] and cr["bulk_edge"] == pytest.approx(want["bulk_edge"])
+    assert 1 <= cr["n_outliers"] <= 3 and bool(cr["outliers_saturated"]) == (cr["n_outliers"] == 3)
+    with pytest.raises(ValueError, match="trace_scopes: unknown scope type 'blocks'"):
+        CurvatureConfig(trace_scopes=("blocks",))
+
+
+def _two_mlps():
+    X, Y = torch.randn(40, 4, dtype=DT), torch.randint(0, 3, (40,))
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        for _ in range(50):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(X), Y).backward()
+            opt.step()
+        nets.append(net.eval())
+    return nets, [(X[:15], Y[:15]), (X[15:], Y[15:])]
+
+
+def test_landscape_of_random_hessian_interpolate(tmp_path):
+    from gradsight import landscape as ls
+    from gradsight.curvature.pipeline import landscape_of
+
+    (net, other), batches = _two_mlps()
+    loss = ls.BatchLoss(batches, nn.functional.cross_entropy)
+    base = loss(net)
+    # random plane: the table equals grid_2d with the same seeded directions, vmap path
+    r = landscape_of(net, "cross_entropy", batches, tmp_path / "rand", steps=5, span=0.5, report=True)
+    d1, d2 = ls.random_direction(net, seed=0), ls.random_direction(net, seed=1)
+    ref = ls.grid_2d(net, loss, d1, d2, np.linspace(-0.5, 0.5, 5), np.linspace(-0.5, 0.5, 5))
+    np.testing.assert_allclose(r.frame["loss"], ref.frame["loss"], rtol=1e-12)
+    assert r.meta["path"] == "vmap" and r.meta["center_loss"] == pytest.approx(base, rel=1e-14)
+    assert (tmp_path / "rand" / "report.html").exists()
+    # hessian axes from a curvature_of run of the same model: near theta* the 1-D slice is 0.5 lambda_1 a^2
+    cur = curvature_of(net, "cross_entropy", batches, tmp_path / "cur", per=("model",), top_k=2, n_products=9,
+                       n_probes=1, n_steps=5, tol=1e-10)
+    lam1 = float(cur.tables["eigenvalues"]["eigenvalue"].iloc[0])
+    h = landscape_of(net, "cross_entropy", batches, tmp_path / "hess", kind="hessian", from_curvature=cur.path,
+                     dims=1, steps=3, span=1e-3)
+    f = h.frame["loss"].to_numpy()
+    curvature = (f[0] + f[2] - 2 * f[1]) / 1e-6  # second difference along v1
+    assert curvature == pytest.approx(lam1, rel=1e-4)
+    with pytest.raises(ValueError, match="another model"):
+        landscape_of(other, "cross_entropy", batches, tmp_path / "hess2", kind="hessian", from_curvature=cur.path)
+    # interpolation: endpoints are the two models' own losses, the barrier is recorded
+    it = landscape_of(net, "cross_entropy", batches, tmp_path / "int", kind="interpolate", to=other, steps=5,
+                      report=True)
+    assert it.frame["alpha"].tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert it.frame["loss"].iloc[0] == pytest.approx(base, rel=1e-14)
+    assert it.frame["loss"].iloc[-1] == pytest.approx(loss(other), rel=1e-14)
+    assert it.meta["barrier"] == pytest.approx(max(0.0, float(np.max(
+        it.frame["loss"] - (1 - it.frame["alpha"]) * it.frame["loss"].iloc[0] - it.frame["alpha"] * it.frame["loss"].iloc[-1]))))
+    assert "Interpolation barrier" in (tmp_path / "int" / "report.html").read_text()
+    # same configuration: nothing recomputed; another configuration: refused
+    logs = []
+    again = landscape_of(net, "cross_entropy", batches, tmp_path / "int", kind="interpolate", to=other, steps=5,
+                         log=logs.append)
+    assert "nothing to do" in logs[-1]
+    pd.testing.assert_frame_equal(again.frame, it.frame)
+    with pytest.raises(RunMismatchError, match="steps"):
+        landscape_of(net, "cross_entropy", batches, tmp_path / "int", kind="interpolate", to=other, steps=7)
+    with pytest.raises(ValueError, match="needs `to`"):
+        landscape_of(net, "cross_entropy", batches, tmp_path / "x", kind="interpolate")

@@ -196,6 +196,7 @@ class CurvatureConfig(LayersConfig):
     tol: float = _f(1e-4, "Lanczos stopping rule: residual <= tol * |eigenvalue| (eigenvalue error ~ tol^2)")
     max_iter: int | None = _f(None, "maximum Lanczos products per scope (default min(dim, max(300, 20 k)))")
     n_products: int = _f(99, "Hutch++ trace budget (products) per scope")
+    trace_scopes: tuple[str, ...] = _f(("model", "layer", "kind", "block"), "scope types with a Hutch++ trace")
     density_scopes: tuple[str, ...] = _f(("model",), "scope types with an SLQ spectral density")
     n_probes: int = _f(3, "SLQ probe vectors")
     n_steps: int = _f(60, "SLQ Lanczos steps per probe")
@@ -209,6 +210,7 @@ class CurvatureConfig(LayersConfig):
     def __post_init__(self):
         object.__setattr__(self, "per", _csv_tuple(self.per))
         object.__setattr__(self, "density_scopes", _csv_tuple(self.density_scopes))
+        object.__setattr__(self, "trace_scopes", _csv_tuple(self.trace_scopes))
         super().__post_init__()
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"curvature needs dtype float32 or float64 (half-precision products overflow); "
@@ -217,7 +219,7 @@ class CurvatureConfig(LayersConfig):
             raise ValueError(f"operator must be one of {', '.join(OPERATORS)}; got {self.operator!r}")
         if self.method not in ("double_backward", "forward_over_reverse"):
             raise ValueError(f"method must be double_backward or forward_over_reverse; got {self.method!r}")
-        for name in ("per", "density_scopes"):
+        for name in ("per", "density_scopes", "trace_scopes"):
             bad = [s for s in getattr(self, name) if s not in SCOPE_TYPES]
             if bad:
                 raise ValueError(f"{name}: unknown scope type {bad[0]!r}; expected some of {', '.join(SCOPE_TYPES)}")

@@ -31,6 +31,7 @@ def _own(operator: str = typer.Option("hessian", help=_H["operator"]),
          tol: float = typer.Option(1e-4, help=_H["tol"]),
          max_iter: Optional[int] = typer.Option(None, help=_H["max_iter"]),
          n_products: int = typer.Option(99, help=_H["n_products"]),
+         trace_scopes: str = typer.Option("model,layer,kind,block", help=_H["trace_scopes"] + " (comma-separated)"),
          density_scopes: str = typer.Option("model", help=_H["density_scopes"] + " (comma-separated)"),
          n_probes: int = typer.Option(3, help=_H["n_probes"]),
          n_steps: int = typer.Option(60, help=_H["n_steps"]),
@@ -50,6 +51,7 @@ def curvature(**kw):
     own = {k: kw.pop(k) for k in inspect.signature(_own).parameters}
     own["per"] = split_csv(own["per"])
     own["density_scopes"] = split_csv(own["density_scopes"])
+    own["trace_scopes"] = split_csv(own["trace_scopes"])
     cfg = CurvatureConfig(**config_kwargs(kw), **own)
     result = run_curvature(cfg, out, progress=not quiet, report=not no_report)
     _print_summary_on_main(result.path, quiet)

@@ -18,19 +18,22 @@ Run directory (atomic writes, resumable):
     RUN/eigenvalues.parquet                scope, scope_type, kind, block, n_params, which, rank, eigenvalue,
                                            residual, converged, n_products
     RUN/trace.parquet                      scope..., n_params, estimate, stderr, n_products, method, exact
+                                           (scope types in `trace_scopes` only)
     RUN/density.parquet                    scope, grid, density           (density scopes only)
     RUN/slq_nodes.parquet                  scope, probe, node, weight     (density scopes only)
     RUN/spectral_criteria.parquet          scope..., lambda_max, lambda_min, abs_min_max_ratio, neg_mass,
-                                           pos_mass, neg_pos_mass_ratio, neg_pos_curvature_ratio, bulk_edge,
-                                           n_outliers
+                                           pos_mass, neg_pos_mass_ratio, neg_pos_curvature_ratio, bulk_ref,
+                                           bulk_edge, n_outliers, outliers_saturated, gap_margin
     RUN/stability.parquet                  scope..., lr, lambda_max, trace, lr_lmax, lr_trace, threshold,
                                            stable, stable_by_trace   (only with lr)
     RUN/tensors/eigenvectors.safetensors   the model scope's top-2 eigenvectors, keys "v{i}::{param name}",
                                            metadata: eigenvalues, names (for Hessian-axis landscapes)
 
-Bulk edge and outliers (a heuristic, stated in the report): the bulk edge is the 99th percentile of the SLQ
-spectral measure (probe-averaged, weights = fraction of eigenvalues); an outlier is a Lanczos top eigenvalue
-above it. Without a density both are NaN.
+Bulk edge and outliers (a heuristic, stated in the report; `curvature.density.bulk_outliers`): the bulk
+reference is the median of the SLQ spectral measure (probe-averaged); the outliers are the top eigenvalues
+above the largest log-gap of their distance to it, and the bulk edge is the largest eigenvalue below that gap.
+With top_k eigenvalues the count is at most top_k - 1 (`outliers_saturated` flags that case). Without a
+density all of these are NaN / -1.
 
 Distributed: under torchrun every rank holds every rank-th example (fixed order) and every product
 all-reduces, so all ranks see the operator of the whole data set; the random probes are seeded on the CPU,
@@ -61,19 +64,20 @@ from torch import nn
 from .. import distributed as dist_
 from ..config import CurvatureConfig, LandscapeConfig, config_hash
 from ..store import RunStore, read_manifest, versions, write_parquet, write_safetensors
-from .density import slq
+from .density import bulk_outliers, slq
 from .lanczos import lanczos, stability
-from .operators import FisherOperator, GGNOperator, HessianOperator, causal_lm_forward, default_forward
+from .operators import (FisherOperator, GGNOperator, HessianOperator, _resolve_loss, causal_lm_forward,
+                        default_forward)
 from .trace import hutchpp
 
 __all__ = ["Scope", "CurvatureResult", "run_curvature", "curvature_of", "lm_scopes", "module_scopes",
-           "summarize_curvature", "load_eigenvectors", "run_landscape", "LandscapeRunResult", "TABLES",
+           "summarize_curvature", "load_eigenvectors", "run_landscape", "landscape_of", "LandscapeRunResult", "TABLES",
            "SCOPE_COLUMNS"]
 
 SCOPE_COLUMNS = ["scope", "scope_type", "kind", "block"]
 TABLES = ("eigenvalues", "trace", "density", "slq_nodes", "spectral_criteria")
 EIGVEC_FILE = "eigenvectors.safetensors"
-BULK_QUANTILE = 0.99
+BULK_QUANTILE = 0.5  # bulk reference of the outlier rule: the median of the SLQ measure
 DENSITY_BINS = 1000
 OBJECTIVE = "token-mean cross-entropy over all supervised tokens of the data set (pooled across examples)"
 
@@ -232,18 +236,7 @@ def _operator(cfg: CurvatureConfig, model, loss, batches, params, forward_fn):
                           seed=cfg.seed, method=method, forward_fn=forward_fn)
 
 
-def _bulk(nodes: torch.Tensor, weights: torch.Tensor, tops: np.ndarray) -> tuple[float, int]:
-    """(bulk edge = 99th percentile of the probe-averaged SLQ measure, number of top eigenvalues above it)."""
-    x = nodes.reshape(-1).numpy()
-    w = (weights / weights.shape[0]).reshape(-1).numpy()
-    o = np.argsort(x, kind="stable")
-    cdf = np.cumsum(w[o])
-    i = int(np.searchsorted(cdf, BULK_QUANTILE * cdf[-1]))
-    edge = float(x[o][min(i, len(x) - 1)])
-    return edge, int((tops > edge).sum())
-
-
-def _scope_tables(cfg: CurvatureConfig, op, scope: Scope, density: bool, want_vectors: bool):
+def _scope_tables(cfg: CurvatureConfig, op, scope: Scope, density: bool, want_vectors: bool, trace: bool = True):
     """Eigenvalues, trace, density and criteria of one operator: ({table: DataFrame}, eigenvectors or None)."""
     from ..landscape import spectral_criteria
 
@@ -272,11 +265,12 @@ def _scope_tables(cfg: CurvatureConfig, op, scope: Scope, density: bool, want_ve
     if want_vectors and res.eigenvectors is not None:
         vectors = (res.eigenvectors[:, top_idx[:2]], ev[top_idx[:2]])
 
-    tr = hutchpp(op, n_products=cfg.n_products, seed=cfg.seed + 1)
-    exact = bool(min(cfg.n_products // 3, op.dim) == op.dim)
-    trace = pd.DataFrame([{**base, "estimate": float(tr.estimate), "stderr": float(tr.stderr),
-                           "n_products": int(tr.n_products), "method": tr.method, "exact": exact}])
-    out = {"eigenvalues": eig, "trace": trace}
+    out = {"eigenvalues": eig}
+    if trace:
+        tr = hutchpp(op, n_products=cfg.n_products, seed=cfg.seed + 1)
+        exact = bool(min(cfg.n_products // 3, op.dim) == op.dim)
+        out["trace"] = pd.DataFrame([{**base, "estimate": float(tr.estimate), "stderr": float(tr.stderr),
+                                      "n_products": int(tr.n_products), "method": tr.method, "exact": exact}])
     tops = ev[top_idx]
     bottoms = ev[bottom_idx] if bottom_idx else None
     if density:
@@ -287,11 +281,14 @@ def _scope_tables(cfg: CurvatureConfig, op, scope: Scope, density: bool, want_ve
         out["slq_nodes"] = pd.DataFrame({"scope": scope.name, "probe": np.repeat(np.arange(P), M),
                                          "node": s.nodes.reshape(-1).numpy(), "weight": s.weights.reshape(-1).numpy()})
         crit = spectral_criteria(tops, bottoms, density=s)
-        crit["bulk_edge"], crit["n_outliers"] = _bulk(s.nodes, s.weights, tops)
+        split = bulk_outliers(s, tops, BULK_QUANTILE)
+        crit.update(bulk_ref=split["bulk_ref"], bulk_edge=split["bulk_edge"], n_outliers=split["n_outliers"],
+                    outliers_saturated=bool(split["saturated"]), gap_margin=split["gap_margin"])
         crit["slq_products"] = int(s.n_products)
     else:
         crit = spectral_criteria(tops, bottoms)
-        crit["bulk_edge"], crit["n_outliers"] = math.nan, -1
+        crit.update(bulk_ref=math.nan, bulk_edge=math.nan, n_outliers=-1, outliers_saturated=False,
+                    gap_margin=math.nan)
         crit["slq_products"] = 0
     out["spectral_criteria"] = pd.DataFrame([{**base, **crit, "has_density": bool(density)}])
     return out, vectors
@@ -357,7 +354,8 @@ def _compute(cfg: CurvatureConfig, run: Path, info: dist_.DistInfo, store: RunSt
             op = _operator(cfg, model, loss, batches, s.params, forward_fn)
             op_info = op.info
             tables, vectors = _scope_tables(cfg, op, s, density=s.scope_type in cfg.density_scopes,
-                                            want_vectors=s.scope_type == "model")
+                                            want_vectors=s.scope_type == "model",
+                                            trace=s.scope_type in cfg.trace_scopes)
             if info.is_main:
                 if vectors is not None:
                     _write_eigenvectors(run, op, vectors, cfg)
@@ -376,8 +374,8 @@ def _twin(scopes: list[Scope], i: int, cfg: CurvatureConfig) -> int | None:
     s = scopes[i]
     for j in range(i):
         t = scopes[j]
-        if set(t.params) == set(s.params) and (s.scope_type not in cfg.density_scopes
-                                               or t.scope_type in cfg.density_scopes):
+        if set(t.params) == set(s.params) and all(s.scope_type not in want or t.scope_type in want
+                                                  for want in (cfg.density_scopes, cfg.trace_scopes)):
             return j
     return None
 
@@ -530,7 +528,8 @@ def _run_lm(cfg, out, info, model, tokenizer, records, progress, report, log) ->
     if model is not None:
         _check_dtype(model, cfg.dtype)
     extra = {"curvature": {"operator": cfg.operator, "method": cfg.method, "objective": OBJECTIVE,
-                           "per": list(cfg.per), "density_scopes": list(cfg.density_scopes), "top_k": cfg.top_k,
+                           "per": list(cfg.per), "density_scopes": list(cfg.density_scopes),
+                           "trace_scopes": list(cfg.trace_scopes), "top_k": cfg.top_k,
                            "bottom_k": cfg.bottom_k, "tol": cfg.tol, "n_products": cfg.n_products,
                            "n_probes": cfg.n_probes, "n_steps": cfg.n_steps, "lr": cfg.lr,
                            "bulk_quantile": BULK_QUANTILE, **mode},
@@ -593,10 +592,38 @@ def _data_hash(batches) -> str:
     return h.hexdigest()[:16]
 
 
+def _open_module_run(out: Path, info, analysis: str, cfg, model: nn.Module, batches, loss_name: str,
+                     identity_extra: dict, meta_extra: dict) -> RunStore:
+    """Open (or check) the run directory of an in-memory module: identity = config, weights, data, loss."""
+    from ..config import semantic_dict
+    from ..pipeline import _param_fingerprint
+
+    model_fp = "in-memory:" + _param_fingerprint(model)
+    data_hash = _data_hash(batches)
+    identity = {"analysis": analysis, "config": semantic_dict(cfg), "model_fingerprint": model_fp,
+                "data_sha256": data_hash, "loss": loss_name, **identity_extra}
+    n_blocks = meta_extra.pop("n_blocks", 0)
+    meta = {"analysis": analysis, "config": cfg.to_dict(), "config_hash": config_hash(identity),
+            "model": {"id": type(model).__name__, "fingerprint": model_fp, "class": type(model).__name__,
+                      "n_blocks": n_blocks, "layers": []},
+            "data": {"path": "<in-memory>", "sha256": data_hash, "n_records": len(batches)},
+            "versions": versions(), "seed": cfg.seed, "world_size": info.world_size,
+            "loss": {"objective": f"{loss_name}: mean over all rows of all batches", "mode": "eval",
+                     "dtype": cfg.dtype}, **meta_extra}
+    store = RunStore(out, info.rank, info.world_size)
+    if info.is_main:
+        store.open(identity, meta)
+    dist_.barrier(info)
+    if not info.is_main:
+        store.open(identity, meta)
+    return store
+
+
 def curvature_of(model: nn.Module, loss_fn, batches, out: str | Path, *, blocks=None,
                  per: Sequence[str] = ("model", "block"), operator: str = "hessian",
                  method: str = "double_backward", top_k: int = 5, bottom_k: int = 0, tol: float = 1e-4,
                  max_iter: int | None = None, n_products: int = 99, density_scopes: Sequence[str] = ("model",),
+                 trace_scopes: Sequence[str] = ("model", "layer", "kind", "block"),
                  n_probes: int = 3, n_steps: int = 60, max_vectors: int | None = None, mc_samples: int = 1,
                  lr: float | None = None, seed: int = 0, forward_fn=None, progress: bool = False,
                  report: bool = False, log: Callable[[str], None] = print) -> CurvatureResult:
@@ -627,36 +654,20 @@ def curvature_of(model: nn.Module, loss_fn, batches, out: str | Path, *, blocks=
         cfg = CurvatureConfig(model=type(model).__name__, data="<in-memory>", dtype=dtype, operator=operator,
                               method=method, per=tuple(per), top_k=top_k, bottom_k=bottom_k, tol=tol,
                               max_iter=max_iter, n_products=n_products, density_scopes=tuple(density_scopes),
+                              trace_scopes=tuple(trace_scopes),
                               n_probes=n_probes, n_steps=n_steps, max_vectors=max_vectors, mc_samples=mc_samples,
                               lr=lr, seed=seed, device="cpu")
         scopes = module_scopes(model, blocks, cfg.per)
         mode = _train_mode_note(model)
-        from ..config import semantic_dict
-        from ..pipeline import _param_fingerprint
-
         loss_name = loss_fn if isinstance(loss_fn, str) else getattr(loss_fn, "__qualname__", repr(loss_fn))
-        model_fp = "in-memory:" + _param_fingerprint(model)
-        data_hash = _data_hash(batches)
-        identity = {"analysis": "curvature", "config": semantic_dict(cfg), "model_fingerprint": model_fp,
-                    "data_sha256": data_hash, "loss": loss_name,
-                    "scopes": [[s.name, list(s.params)] for s in scopes]}
-        store = RunStore(out, info.rank, info.world_size)
-        meta = {"analysis": "curvature", "config": cfg.to_dict(), "config_hash": config_hash(identity),
-                "model": {"id": type(model).__name__, "fingerprint": model_fp, "class": type(model).__name__,
-                          "n_blocks": sum(s.scope_type == "block" for s in scopes), "layers": []},
-                "data": {"path": "<in-memory>", "sha256": data_hash, "n_records": len(batches)},
-                "versions": versions(), "seed": seed, "world_size": info.world_size,
-                "loss": {"objective": f"{loss_name}: mean over all rows of all batches", "mode": "eval",
-                         "dtype": dtype},
-                "curvature": {"operator": operator, "method": method, "objective": f"mean {loss_name} over rows",
-                              "per": list(cfg.per), "density_scopes": list(cfg.density_scopes), "top_k": top_k,
-                              "bottom_k": bottom_k, "tol": tol, "n_products": n_products, "n_probes": n_probes,
-                              "n_steps": n_steps, "lr": lr, "bulk_quantile": BULK_QUANTILE, **mode}}
-        if info.is_main:
-            store.open(identity, meta)
-        dist_.barrier(info)
-        if not info.is_main:
-            store.open(identity, meta)
+        curv = {"operator": operator, "method": method, "objective": f"mean {loss_name} over rows",
+                "per": list(cfg.per), "density_scopes": list(cfg.density_scopes),
+                "trace_scopes": list(cfg.trace_scopes), "top_k": top_k, "bottom_k": bottom_k, "tol": tol,
+                "n_products": n_products, "n_probes": n_probes, "n_steps": n_steps, "lr": lr,
+                "bulk_quantile": BULK_QUANTILE, **mode}
+        store = _open_module_run(out, info, "curvature", cfg, model, batches, loss_name,
+                                 {"scopes": [[s.name, list(s.params)] for s in scopes]},
+                                 {"curvature": curv, "n_blocks": sum(s.scope_type == "block" for s in scopes)})
         was = model.training
         model.eval()
         try:
@@ -726,6 +737,134 @@ def run_landscape(cfg: LandscapeConfig, out: str | Path, model: Any = None, toke
         dist_.finalize(info)
 
 
+def _hessian_axes(model: nn.Module, run, dims: int, manifest: dict) -> list:
+    """The top-`dims` eigenvectors stored by a curvature run of this very model, as landscape directions."""
+    from .. import landscape as ls
+
+    if run is None:
+        raise ValueError("kind hessian needs from_curvature (a curvature run directory with eigenvectors)")
+    vnames, vecs, lam = load_eigenvectors(run)
+    src = read_manifest(Path(run))
+    fp = (src.get("model") or {}).get("fingerprint")
+    mine = (manifest.get("model") or {}).get("fingerprint")
+    if fp != mine:
+        raise ValueError(f"from_curvature {run}: its eigenvectors belong to another model (fingerprint {fp} vs {mine})")
+    have = dict(model.named_parameters())
+    missing = [n for n in vnames if n not in have]
+    if missing:
+        raise ValueError(f"from_curvature {run}: parameters {missing[:3]} are not in the model")
+    if len(vecs) < dims:
+        raise ValueError(f"from_curvature {run} holds {len(vecs)} eigenvector(s); dims={dims} needs {dims} "
+                         "(rerun the curvature with top_k >= 2, or use dims=1)")
+    return ls.hessian_directions([(n, have[n]) for n in vnames], [vecs[j] for j in range(dims)],
+                                 eigenvalues=lam[:dims])
+
+
+def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: str = "random", dims: int = 2,
+                 steps: int = 21, span: float = 1.0, norm: str = "filter", ignore: str | None = "biasbn",
+                 from_curvature: str | Path | None = None, to: nn.Module | Mapping | None = None,
+                 recompute_bn: bool = False, batch_points: int = 64, seed: int = 0, report: bool = False,
+                 log: Callable[[str], None] = print) -> LandscapeRunResult:
+    """Loss landscape of any PyTorch module into the run directory `out` (the table and report of
+    `run_landscape`; config-guarded: a finished run with the same identity is returned as it is).
+
+    Args:
+        model: the module at theta* (restored bit-exactly afterwards; evaluated in eval mode).
+        loss_fn: "cross_entropy", "mse" (the operators' conventions) or `criterion(outputs, targets)`, a mean
+            over the batch; batches are combined sample-weighted.
+        batches: list of `(inputs, targets)` batches (or a DataLoader, materialised once).
+        out: run directory.
+        kind: "random" (seeded Gaussian, `norm`-normalised, 1-D tensors zeroed with ignore="biasbn"),
+            "hessian" (the top eigenvectors stored by `curvature_of` in `from_curvature`), or "interpolate"
+            (the segment from this model to `to`, a module or state_dict of the same architecture; t in
+            [0, 1] widened by span - 1 on each side when span > 1).
+        dims, steps, span: 1-D slice or 2-D grid, points per axis, alpha/beta in [-span, span].
+        recompute_bn: recompute BatchNorm running statistics on `batches` at every point (sequential path).
+        batch_points: grid points per vectorised (torch.func.vmap) evaluation; 1 = sequential.
+    """
+    from .. import landscape as ls
+    from ..config import LandscapeConfig
+
+    info = dist_.init()
+    out = Path(out)
+    try:
+        t0 = time.perf_counter()
+        batches = list(batches)
+        if not batches:
+            raise ValueError("batches is empty: the landscape needs at least one batch")
+        dtype = {torch.float32: "float32", torch.float64: "float64"}.get(next(model.parameters()).dtype)
+        if dtype is None:
+            raise ValueError(f"landscape needs float32 or float64 parameters, got {next(model.parameters()).dtype}")
+        if batch_points < 1:
+            raise ValueError(f"batch_points must be at least 1, got {batch_points}")
+        to_state = None
+        if kind == "interpolate":
+            if to is None:
+                raise ValueError("kind interpolate needs `to` (a module or state_dict of the same architecture)")
+            to_state = to.state_dict() if isinstance(to, nn.Module) else dict(to)
+        to_fp = None
+        if to_state is not None:
+            h = hashlib.sha256()
+            for k in sorted(to_state):
+                h.update(k.encode())
+                h.update(to_state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            to_fp = "in-memory:" + h.hexdigest()[:16]
+        cfg = LandscapeConfig(model=type(model).__name__, data="<in-memory>", dtype=dtype, kind=kind, dims=dims,
+                              steps=steps, span=span, norm="none" if norm is None else norm,
+                              from_curvature=None if from_curvature is None else str(from_curvature), to=to_fp,
+                              seed=seed, device="cpu")
+        loss_name = loss_fn if isinstance(loss_fn, str) else getattr(loss_fn, "__qualname__", repr(loss_fn))
+        opts = {"kind": kind, "dims": dims, "steps": steps, "span": span, "norm": cfg.norm, "ignore": ignore,
+                "from_curvature": cfg.from_curvature, "to": to_fp, "recompute_bn": bool(recompute_bn)}
+        store = _open_module_run(out, info, "landscape", cfg, model, batches, loss_name,
+                                 {"landscape_options": opts}, {"landscape_options": opts})
+        man = read_manifest(out)
+        if man.get("finished") and (out / "landscape.parquet").exists():
+            log(f"{out}: finished landscape with the same configuration; nothing to do")
+            return LandscapeRunResult(out, pd.read_parquet(out / "landscape.parquet"), man.get("landscape") or {})
+        loss = ls.BatchLoss(batches, _resolve_loss(loss_fn))
+        bn = batches if recompute_bn else None
+        axis = np.linspace(-span, span, steps)
+        if kind == "interpolate":
+            state_a = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            lo, hi = (1 - span, span) if span > 1 else (0.0, 1.0)
+            ts = np.union1d(np.linspace(lo, hi, steps), [0.0, 1.0])
+            res = ls.interpolate(model, state_a, to_state, loss, ts, recompute_bn=bn)
+            frame = pd.DataFrame({"alpha": res.frame["t"], "beta": np.nan, "loss": res.frame["loss"],
+                                  "finite": res.frame["finite"]})
+        else:
+            if kind == "random":
+                ds = [ls.random_direction(model, seed=seed + j, norm=None if norm == "none" else norm, ignore=ignore)
+                      for j in range(dims)]
+            elif kind == "hessian":
+                ds = _hessian_axes(model, from_curvature, dims, man)
+            else:
+                raise ValueError(f"kind must be random, hessian or interpolate; got {kind!r}")
+            if dims == 1:
+                res = ls.slice_1d(model, loss, ds[0], axis, batch_points=batch_points, recompute_bn=bn)
+            else:
+                res = ls.grid_2d(model, loss, ds[0], ds[1], axis, axis, batch_points=batch_points, recompute_bn=bn)
+            frame = res.frame.reindex(columns=["alpha", "beta", "loss", "finite"])
+        frame["loss"] = frame["loss"].astype(float).where(frame["finite"].astype(bool), np.nan)
+        meta = {k: v for k, v in res.meta.items() if isinstance(v, (str, int, float, bool, type(None), list, dict))}
+        meta.update(kind=kind, dims=1 if kind == "interpolate" else dims,
+                    n_params=int(sum(p.numel() for p in model.parameters())),
+                    objective=f"mean {loss_name} over all rows", n_batches=len(batches),
+                    center_loss=float(loss(model)) if kind != "interpolate" else None)
+        if info.is_main:
+            write_parquet(frame, out / "landscape.parquet")
+            store.update_manifest(landscape=json.loads(json.dumps(meta, default=str)), finished=True,
+                                  elapsed_s=round(time.perf_counter() - t0, 1))
+            if report:
+                from ..report import render_html
+
+                render_html(out)
+        dist_.barrier(info)
+        return LandscapeRunResult(out, frame, meta)
+    finally:
+        dist_.finalize(info)
+
+
 def _run_landscape(cfg: LandscapeConfig, out, info, model, tokenizer, records, progress, report, log):
     from .. import landscape as ls
     from ..pipeline import prepare
@@ -760,21 +899,7 @@ def _run_landscape(cfg: LandscapeConfig, out, info, model, tokenizer, records, p
             norm = None if cfg.norm == "none" else cfg.norm
             ds = [ls.random_direction(model, seed=cfg.seed + j, norm=norm, names=names) for j in range(cfg.dims)]
         else:
-            vnames, vecs, lam = load_eigenvectors(cfg.from_curvature)
-            src = read_manifest(Path(cfg.from_curvature))
-            fp = (src.get("model") or {}).get("fingerprint")
-            mine = (su.manifest.get("model") or {}).get("fingerprint")
-            if fp != mine:
-                raise ValueError(f"--from-curvature {cfg.from_curvature}: its eigenvectors belong to another model "
-                                 f"(fingerprint {fp} vs {mine})")
-            missing = [n for n in vnames if n not in have]
-            if missing:
-                raise ValueError(f"--from-curvature: parameters {missing[:3]} are not in the model")
-            if len(vecs) < cfg.dims:
-                raise ValueError(f"--from-curvature holds {len(vecs)} eigenvector(s); dims={cfg.dims} needs "
-                                 f"{cfg.dims} (rerun curvature with --top-k 2 or use --dims 1)")
-            params = [(n, have[n]) for n in vnames]
-            ds = ls.hessian_directions(params, [vecs[j] for j in range(cfg.dims)], eigenvalues=lam[: cfg.dims])
+            ds = _hessian_axes(model, cfg.from_curvature, cfg.dims, su.manifest)
         if cfg.dims == 1:
             res = ls.slice_1d(model, loss, ds[0], axis)
             frame = pd.DataFrame({"alpha": res.frame["alpha"], "beta": np.nan, "loss": res.frame["loss"],

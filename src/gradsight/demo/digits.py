@@ -9,23 +9,11 @@ about one per class (C = 10 here). `digits_spectrum` measures this with gradsigh
 - the spectral density by stochastic Lanczos quadrature (`curvature.density.slq`, PyHessian defaults),
 - the number of outliers separated from the bulk (rule below).
 
-Outlier rule ("largest log-gap", documented so that the count is reproducible, not tuned to give C):
-    Let l_1 >= ... >= l_k be the Lanczos top-k eigenvalues and b the bulk reference, the `bulk_quantile`
-    (default 0.5: the median, i.e. the centre of the bulk) quantile of the SLQ spectral measure averaged over
-    probes; for a trained network it sits close to zero, so the rule is nearly the largest log-ratio
-    l_i / l_{i+1}. (An upper quantile such as 0.99 puts b inside the top eigenvalues of a small network and
-    inflates the gaps next to it.) Keeping the l_i > b, the outliers are the
-    eigenvalues above the largest gap on the log scale of the distance to the bulk,
-
-        n = argmax_{1 <= i <= k-1} log((l_i - b) / (l_{i+1} - b)),
-
-    i.e. the split of the top-k with the largest ratio of consecutive distances to the bulk (a scale-free gap:
-    multiplying H by a constant changes nothing). The bulk edge is l_{n+1}, the largest eigenvalue left in the
-    bulk, so by construction it is below the smallest outlier and 1 <= n <= k - 1. `saturated = (n == k - 1)`
-    flags that the split is at the end of the computed range (increase k). `n_above_edge_slq` (the
-    probe-averaged SLQ mass above the edge times dim) cross-checks the count from the density side. A smooth
-    decay of the top eigenvalues has no pronounced gap; the log-gaps are returned so that the strength of
-    the separation (largest log-gap vs the others) can be judged, not only the count.
+Outlier rule: `gradsight.curvature.density.bulk_outliers` (the same rule as the curvature tables): the bulk
+reference b is the median of the probe-averaged SLQ measure, and the outliers are the top eigenvalues above
+the largest log-gap of their distance to b. It is documented there so that the count is reproducible, not
+tuned to give C; `gap_margin` says how pronounced the split is and `saturated` that it sits at the end of the
+computed range. `n_above_edge_slq` (the SLQ mass above the bulk edge times dim) cross-checks the count.
 
 Conventions: float64 model and data; cross-entropy, mean over the training rows (the operators' convention);
 the Hessian is taken at the trained parameters over the whole training set (one batch, eval mode).
@@ -38,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DigitsData", "load_digits_tensors", "digits_mlp", "train_digits_mlp", "outlier_split",
-           "digits_spectrum"]
+__all__ = ["DigitsData", "load_digits_tensors", "digits_mlp", "train_digits_mlp", "digits_spectrum"]
 
 
 @dataclass(frozen=True)
@@ -121,32 +107,6 @@ def train_digits_mlp(hidden: int = 32, epochs: int = 10, seed: int = 0, *, lr: f
     return model, (data.X_train, data.y_train), (data.X_test, data.y_test), acc
 
 
-def outlier_split(eigenvalues, bulk_ref: float) -> dict:
-    """The largest-log-gap split of the top eigenvalues from the bulk (rule in the module docstring).
-
-    Args:
-        eigenvalues: top-k eigenvalues (any order; sorted descending here).
-        bulk_ref: the bulk reference b (e.g. an upper quantile of the SLQ measure).
-
-    Returns:
-        dict with n_outliers (1 <= n <= k' - 1 for the k' >= 2 eigenvalues above b; k' if k' < 2), bulk_edge
-        (l_{n+1}, or b when no eigenvalue is left above b), log_gaps (split i = 1..k'-1), saturated, and
-        gap_margin (largest log-gap minus the second largest: near 0 means no pronounced separation).
-    """
-    lam = np.sort(np.asarray(eigenvalues, dtype=np.float64))[::-1]
-    lam = lam[lam > bulk_ref]
-    k = len(lam)
-    if k < 2:
-        return {"n_outliers": k, "bulk_edge": float(bulk_ref), "log_gaps": [], "saturated": k == 1,
-                "gap_margin": 0.0}
-    dist = lam - bulk_ref  # (k,) > 0
-    gaps = np.log(dist[:-1] / dist[1:])  # (k - 1,)
-    n = int(np.argmax(gaps)) + 1
-    second = float(np.sort(gaps)[-2]) if k > 2 else 0.0
-    return {"n_outliers": n, "bulk_edge": float(lam[n]), "log_gaps": gaps.tolist(), "saturated": n == k - 1,
-            "gap_margin": float(gaps[n - 1]) - second}
-
-
 def digits_spectrum(model: nn.Module, X: Tensor, y: Tensor, *, k: int = 20, lanczos_tol: float = 1e-8,
                     trace_products: int = 99, slq_probes: int = 3, slq_steps: int = 100,
                     bulk_quantile: float = 0.5, seed: int = 0, density: bool = True) -> dict:
@@ -169,6 +129,7 @@ def digits_spectrum(model: nn.Module, X: Tensor, y: Tensor, *, k: int = 20, lanc
         n_above_edge_slq, outliers (the eigenvalues above the edge).
     """
     from ..curvature import HessianOperator
+    from ..curvature.density import bulk_outliers
     from ..curvature.density import slq as run_slq
     from ..curvature.lanczos import lanczos
     from ..curvature.trace import hutchpp
@@ -178,16 +139,8 @@ def digits_spectrum(model: nn.Module, X: Tensor, y: Tensor, *, k: int = 20, lanc
     tr = hutchpp(H, n_products=trace_products, seed=seed)
     dens = run_slq(H, n_probes=slq_probes, n_steps=slq_steps, seed=seed)
 
-    nodes, weights = dens.nodes.numpy(), dens.weights.numpy()  # (n_probes, m) each
-    order = np.argsort(nodes.reshape(-1))
-    t = nodes.reshape(-1)[order]
-    w = weights.reshape(-1)[order] / nodes.shape[0]  # probe-averaged measure, total mass 1
-    cum = np.cumsum(w)
-    bulk_ref = float(t[min(np.searchsorted(cum, bulk_quantile), len(t) - 1)])
-
     eig = top.eigenvalues.numpy()
-    split = outlier_split(eig, bulk_ref)
-    mass_above = float(w[t > split["bulk_edge"]].sum())
+    split = bulk_outliers(dens, eig, bulk_quantile)
     return {
         "dim": H.dim,
         "eigenvalues": eig,
@@ -198,10 +151,8 @@ def digits_spectrum(model: nn.Module, X: Tensor, y: Tensor, *, k: int = 20, lanc
         "trace_stderr": tr.stderr,
         "slq": dens,
         "density": dens.density() if density else None,
-        "bulk_ref": bulk_ref,
-        "bulk_quantile": bulk_quantile,
         **split,
-        "n_above_edge_slq": mass_above * H.dim,
+        "n_above_edge_slq": split["mass_above_edge"] * H.dim,
         "outliers": eig[: split["n_outliers"]],
     }
 

@@ -341,8 +341,11 @@ def curvature_findings(data: CurvatureData) -> list[dict]:
         lines = []
         for r in cr[cr["has_density"].astype(bool)].to_dict("records"):
             if _fin(r["bulk_edge"]):
-                lines.append(f"{r['scope']}: bulk edge ≈ {fmt_num(r['bulk_edge'])} (99th percentile of the SLQ density); "
-                             f"{int(r['n_outliers'])} of the computed top eigenvalues lie above it (outliers). "
+                sat = (" — the split is at the end of the computed eigenvalues, so there may be more (raise --top-k)"
+                       if bool(r.get("outliers_saturated")) else "")
+                lines.append(f"{r['scope']}: {int(r['n_outliers'])} outlier(s) above the bulk edge "
+                             f"{fmt_num(r['bulk_edge'])} (largest log-gap of the top eigenvalues' distance to the "
+                             f"SLQ median {fmt_num(r.get('bulk_ref'))}; gap margin {fmt_num(r.get('gap_margin'))}{sat}). "
                              f"Negative mass {fmt_num(r['neg_mass'])}, positive mass {fmt_num(r['pos_mass'])}, "
                              f"|λmin/λmax| = {fmt_num(r['abs_min_max_ratio'])}.")
         if lines:
