@@ -407,11 +407,15 @@ def test_landscape_of_random_hessian_interpolate(tmp_path):
     loss = ls.BatchLoss(batches, nn.functional.cross_entropy)
     base = loss(net)
     # random plane: the table equals grid_2d with the same seeded directions, vmap path
-    r = landscape_of(net, "cross_entropy", batches, tmp_path / "rand", steps=5, span=0.5, report=True)
+    r = landscape_of(net, "cross_entropy", batches, tmp_path / "rand", steps=5, span=0.5, report=True,
+                     batch_points=4)
     d1, d2 = ls.random_direction(net, seed=0), ls.random_direction(net, seed=1)
     ref = ls.grid_2d(net, loss, d1, d2, np.linspace(-0.5, 0.5, 5), np.linspace(-0.5, 0.5, 5))
     np.testing.assert_allclose(r.frame["loss"], ref.frame["loss"], rtol=1e-12)
     assert r.meta["path"] == "vmap" and r.meta["center_loss"] == pytest.approx(base, rel=1e-14)
+    auto = landscape_of(net, "cross_entropy", batches, tmp_path / "auto", steps=5, span=0.5)  # default "auto"
+    assert auto.meta["path"] in ("vmap", "sequential") and "auto" in auto.meta
+    np.testing.assert_allclose(auto.frame["loss"], ref.frame["loss"], rtol=1e-12)
     assert (tmp_path / "rand" / "report.html").exists()
     # hessian axes from a curvature_of run of the same model: near theta* the 1-D slice is 0.5 lambda_1 a^2
     cur = curvature_of(net, "cross_entropy", batches, tmp_path / "cur", per=("model",), top_k=2, n_products=9,
@@ -443,3 +447,23 @@ def test_landscape_of_random_hessian_interpolate(tmp_path):
         landscape_of(net, "cross_entropy", batches, tmp_path / "int", kind="interpolate", to=other, steps=7)
     with pytest.raises(ValueError, match="needs `to`"):
         landscape_of(net, "cross_entropy", batches, tmp_path / "x", kind="interpolate")
+
+
+def test_lm_landscape_killed_run_resumes_chunk_by_chunk(tmp_path):
+    cfg = LandscapeConfig(dtype="float64", attn_implementation="eager", encode=ENC, kinds=("q", "v"), blocks="0",
+                          dims=2, steps=4, span=0.5, n_examples=3)
+    out, logs = tmp_path / "land", []
+    kw = dict(tokenizer=tiny_tokenizer(), records=records(), progress=False, report=False, log=logs.append)
+    r = run_landscape(cfg, out, model=small_llama(), **kw)
+    shards = sorted((out / "points").glob("*.parquet"))
+    assert len(shards) == 4 and r.frame["finite"].all()  # one shard per row of the 4 x 4 grid
+    # "kill": the last two rows and the final table are gone
+    for p in shards[2:]:
+        p.unlink()
+    (out / "landscape.parquet").unlink()
+    kept = [p.stat().st_mtime_ns for p in shards[:2]]
+    r2 = run_landscape(cfg, out, model=small_llama(), **kw)
+    assert any("2 of 4 chunks" in m for m in logs)
+    assert [p.stat().st_mtime_ns for p in shards[:2]] == kept  # not recomputed
+    pd.testing.assert_frame_equal(r2.frame, r.frame)
+    assert r2.meta["resumed_chunks"] == 2

@@ -69,3 +69,30 @@ def test_outlier_split_rule():
         s = outlier_split(c * lam, 0.0)
         assert s["n_outliers"] == 3 and s["bulk_edge"] == pytest.approx(c * 1.0)
         assert s["gap_margin"] > 1.0
+
+
+def test_curvature_demo_digits_part(tmp_path):
+    # the demo's digits runs (the SmolLM2 part is covered by the pipeline tests on tiny Llamas)
+    import json
+
+    import pandas as pd
+
+    from gradsight.demo.run import run_curvature_demo
+
+    runs = run_curvature_demo(tmp_path, lm=False, progress=False)
+    assert set(runs) == {"digits", "digits-hessian-plane", "digits-random-plane", "digits-interpolation"}
+    for p in runs.values():
+        assert (p / "report.html").stat().st_size > 100_000  # plotly inlined
+    ev = pd.read_parquet(runs["digits"] / "eigenvalues.parquet")
+    top = ev[ev["scope"] == "model"]["eigenvalue"].to_numpy()
+    assert len(top) == 20 and np.all(np.diff(top) <= 0) and ev["converged"].all()
+    crit = pd.read_parquet(runs["digits"] / "spectral_criteria.parquet").set_index("scope").loc["model"]
+    assert 1 <= crit["n_outliers"] <= 19 and crit["bulk_ref"] < crit["bulk_edge"] <= top[0]
+    # Hessian plane: the trained weights are the lowest grid point; the axes carry the stored eigenvalues
+    man = json.loads((runs["digits-hessian-plane"] / "manifest.json").read_text())["landscape"]
+    land = pd.read_parquet(runs["digits-hessian-plane"] / "landscape.parquet")
+    assert land["loss"].min() == pytest.approx(man["center_loss"])
+    assert [d["eigenvalue"] for d in man["directions"]] == pytest.approx(top[:2].tolist())
+    # two independently trained MLPs are not linearly connected: a barrier well above both endpoints' losses
+    inter = json.loads((runs["digits-interpolation"] / "manifest.json").read_text())["landscape"]
+    assert inter["barrier"] > 0.1

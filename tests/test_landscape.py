@@ -223,47 +223,30 @@ def test_vectorised_grid_equals_sequential():
     seq = grid_2d(model, loss, d1, d2, alphas, betas, batch_points=1)
     vec = grid_2d(model, loss, d1, d2, alphas, betas, batch_points=5)  # chunks of 5, 5, 2
     assert seq.meta["path"] == "sequential" and vec.meta["path"] == "vmap"
-    assert vec.meta["input_layers_cached"] == ["conv"]  # fed by the data; fc is fed by a computed tensor
     assert_bit_exact(model, snap)
     np.testing.assert_allclose(vec.frame["loss"], seq.frame["loss"], rtol=1e-5, atol=1e-6)
 
 
-class _EmbedTwice(nn.Module):
-    """An embedding fed by the ids, then one Linear applied twice (not affine on the plane: never cached)."""
+@pytest.mark.parametrize("faster", ["vmap", "sequential"])
+def test_auto_batch_points_keeps_the_faster_path_and_the_values(monkeypatch, faster):
+    import gradsight.landscape as L
 
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(11, 6, padding_idx=0)
-        self.lin = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, ids):  # (B, T)
-        h = torch.tanh(self.lin(torch.tanh(self.lin(self.emb(ids)))))
-        return self.head(h.mean(1))
-
-
-@pytest.mark.parametrize("ignore", ["biasbn", None])
-def test_input_layer_cache_equals_sequential_float64(ignore):
-    # the data-fed layer's output is affine on the plane: Z0 + a Z1 + b Z2 must equal the perturbed layer's
-    # output, including bias directions (ignore=None sets them to theta*'s biases)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    for model, batches in (
-        (_EmbedTwice().double(), [(torch.randint(0, 11, (5, 7), generator=g), torch.randint(0, 3, (5,), generator=g))
-                                  for _ in range(2)]),
-        (nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).double(),
-         [(torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g))]),
-    ):
-        model.eval()
-        loss = BatchLoss(batches, F.cross_entropy)
-        d1 = random_direction(model, seed=0, ignore=ignore)
-        d2 = random_direction(model, seed=1, ignore=ignore)
-        axis = np.linspace(-2, 2, 5)
-        seq = grid_2d(model, loss, d1, d2, axis, axis, batch_points=1)
-        vec = grid_2d(model, loss, d1, d2, axis, axis, batch_points=7)
-        assert vec.meta["input_layers_cached"] == (["emb"] if isinstance(model, _EmbedTwice) else ["0"])
-        assert vec.meta["input_layer_calls"] == len(batches) * 4  # 25 points in chunks of 7: 4 vmapped calls
-        np.testing.assert_allclose(vec.frame["loss"], seq.frame["loss"], rtol=1e-12)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    loss = BatchLoss([(torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g))],
+                     F.cross_entropy)
+    d1, d2 = random_direction(model, seed=0), random_direction(model, seed=1)
+    axis = np.linspace(-2, 2, 7)
+    seq = grid_2d(model, loss, d1, d2, axis, axis, batch_points=1)
+    # a fake clock: 4 sequential points take 1 s; the vectorised chunk (32 points) 0.1 s or 100 s
+    ticks = iter([0.0, 1.0, 1.0, 1.1 if faster == "vmap" else 101.0])
+    monkeypatch.setattr(L.time, "perf_counter", lambda: next(ticks))
+    auto = grid_2d(model, loss, d1, d2, axis, axis, batch_points="auto")
+    assert auto.meta["path"] == faster and set(auto.meta["auto"]) == {"sequential_s_per_point", "vmap_s_per_point"}
+    np.testing.assert_allclose(auto.frame["loss"], seq.frame["loss"], rtol=1e-12)
+    with pytest.raises(ValueError, match="batch_points"):
+        grid_2d(model, loss, d1, d2, axis, axis, batch_points=0)
 
 
 def test_vmap_failure_falls_back_to_sequential():

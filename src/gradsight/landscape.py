@@ -24,7 +24,8 @@ Evaluation never deep-copies the model: each grid point is written in place as t
 saved copy of theta* (never accumulated, so there is no drift), and the saved copy is written back at the
 end, bit-exactly, even on error. ``batch_points > 1`` with a ``BatchLoss`` evaluates several grid points in
 one ``torch.func.vmap`` over ``functional_call``; if that fails for a model (data-dependent control flow,
-``.item()``, ...) the run falls back to the sequential in-place path and records why. Both paths build the
+``.item()``, ...) the run falls back to the sequential in-place path and records why; ``batch_points="auto"``
+times both paths on the first points and keeps the faster. Both paths build the
 perturbed tensors with the same expression, so they differ only by the forward's floating-point order.
 
 Conventions:
@@ -59,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -530,8 +532,15 @@ def _finite(v) -> float:
     return v if math.isfinite(v) else math.nan
 
 
-def _evaluate(model, loss_fn, directions, C: torch.Tensor, *, batch_points: int, recompute_bn) -> tuple:
+AUTO_PROBE = 4   # batch_points="auto": sequential points timed first,
+AUTO_CHUNK = 32  # then one vectorised chunk of this many points; the faster path does the rest;
+AUTO_MAX_BYTES = 1 << 29  # the chunk's stacked perturbed parameters stay under 512 MB (fewer points if needed)
+
+
+def _evaluate(model, loss_fn, directions, C: torch.Tensor, *, batch_points: int | str, recompute_bn) -> tuple:
     """Losses at theta* + C @ directions for every row of C (N, k); returns (losses (N,), meta)."""
+    if batch_points != "auto" and not (isinstance(batch_points, int) and batch_points >= 1):
+        raise ValueError(f"batch_points must be a positive integer or 'auto', got {batch_points!r}")
     named_lists = [_resolve(model, d) for d in directions]
     names = [n for n, _ in named_lists[0]]
     for nl in named_lists[1:]:
@@ -548,25 +557,50 @@ def _evaluate(model, loss_fn, directions, C: torch.Tensor, *, batch_points: int,
                             "n_tensors": len(live), "n_elements": sum(t.numel() for t in live),
                             "dtype": str(live[0].dtype) if live else None}
     losses = np.full(len(C), np.nan)
+
+    def sequential(lo: int, hi: int) -> None:
+        with torch.no_grad():
+            for i in range(lo, hi):
+                for t, t0, ds in zip(live, theta0, per_tensor):
+                    t.copy_(_points(t0, ds, C[i:i + 1])[0])
+                if recompute_bn is not None:
+                    recompute_bn_stats(model, recompute_bn)
+                losses[i] = _finite(loss_fn(model))
+            for t, t0 in zip(live, theta0):  # back at theta* (the vmap path reads the live tensors)
+                t.copy_(t0)
+
+    auto = batch_points == "auto"
+    per_point = sum(t.numel() * t.element_size() for t in live)
+    G = min(AUTO_CHUNK, AUTO_MAX_BYTES // max(per_point, 1)) if auto else int(batch_points)
     done = 0
     try:
         with _eval_mode(model) as switched:
             meta["switched_from_train"] = switched
             meta["mode"] = "eval"
-            if batch_points > 1 and recompute_bn is None:
-                if isinstance(loss_fn, BatchLoss):
-                    done = _vmap_points(model, loss_fn, names, theta0, per_tensor, C, batch_points, losses, meta)
+            if G > 1 and recompute_bn is None and isinstance(loss_fn, BatchLoss):
+                if auto and len(C) > AUTO_PROBE + G:
+                    # time both paths on the first points and keep the faster (both give the same values)
+                    t = time.perf_counter()
+                    sequential(0, AUTO_PROBE)
+                    t_seq = (time.perf_counter() - t) / AUTO_PROBE
+                    t = time.perf_counter()
+                    done = _vmap_points(model, loss_fn, names, theta0, per_tensor, C, G, losses, meta,
+                                        start=AUTO_PROBE, stop=AUTO_PROBE + G)
+                    t_vec = (time.perf_counter() - t) / G
+                    meta["auto"] = {"sequential_s_per_point": t_seq, "vmap_s_per_point": t_vec}
+                    if done > AUTO_PROBE and t_vec < t_seq:
+                        done = _vmap_points(model, loss_fn, names, theta0, per_tensor, C, G, losses, meta,
+                                            start=done)
+                        meta["path"] = "vmap"
                 else:
-                    meta["fallback_reason"] = "loss_fn is not a BatchLoss"
-            elif batch_points > 1:
-                meta["fallback_reason"] = "recompute_bn needs the sequential path"
-            with torch.no_grad():
-                for i in range(done, len(C)):
-                    for t, t0, ds in zip(live, theta0, per_tensor):
-                        t.copy_(_points(t0, ds, C[i:i + 1])[0])
-                    if recompute_bn is not None:
-                        recompute_bn_stats(model, recompute_bn)
-                    losses[i] = _finite(loss_fn(model))
+                    done = _vmap_points(model, loss_fn, names, theta0, per_tensor, C, G, losses, meta)
+                    meta["path"] = "vmap" if done == len(C) else "sequential"
+            elif G > 1:
+                meta["fallback_reason"] = ("recompute_bn needs the sequential path" if recompute_bn is not None
+                                           else "loss_fn is not a BatchLoss")
+            elif auto:
+                meta["fallback_reason"] = "auto: the perturbed tensors are too large to stack (sequential)"
+            sequential(done, len(C))
     finally:
         with torch.no_grad():
             for t, t0 in zip(live, theta0):
@@ -579,137 +613,38 @@ def _evaluate(model, loss_fn, directions, C: torch.Tensor, *, batch_points: int,
     return losses, meta
 
 
-_AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
-
-
-def _batch_tensors(batch) -> list[torch.Tensor]:
-    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]
-    return [x for x in items if torch.is_tensor(x)]
-
-
-def _apply_as_weights(module: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """module's affine map of x with (w, b) in place of its parameters."""
-    import torch.nn.functional as F
-
-    if isinstance(module, nn.Linear):
-        return F.linear(x, w, b)
-    if isinstance(module, nn.Embedding):
-        return F.embedding(x, w, module.padding_idx)
-    return module._conv_forward(x, w, b)  # Conv1d/2d/3d (any padding mode: it acts on x)
-
-
-def _input_layer_cache(model, loss_fn: "BatchLoss", names, theta0, per_tensor, meta) -> dict:
-    """Outputs of the data-fed affine layers at theta* and along every direction, per batch.
-
-    A Linear / Conv / Embedding (without max_norm) whose input is one of the batch's own tensors computes
-    an output that is affine in its weight and bias with a fixed input, so on the plane
-        out(theta* + sum_j c_j d_j) = out(theta*) + sum_j c_j out_d_j,     out_d_j = the layer with (d_j^W, d_j^b)
-    exactly. Each such layer is evaluated k + 1 times per batch here instead of once per grid point (for an
-    MLP on raw features that is most of the FLOPs). Returns {module: {id(input): (Z_0, Z_1, ..., Z_k)}}.
-    """
-    index = {n: i for i, n in enumerate(names)}
-    candidates = {}
-    for prefix, m in model.named_modules():
-        if not isinstance(m, _AFFINE) or getattr(m, "max_norm", None) is not None:
-            continue
-        w_name = f"{prefix}.weight" if prefix else "weight"
-        b_name = f"{prefix}.bias" if prefix else "bias"
-        if w_name in index:
-            candidates[m] = (index[w_name], index.get(b_name))
-    if not candidates:
-        return {}
-    seen: dict = {m: [] for m in candidates}
-    hooks = [m.register_forward_pre_hook(lambda mod, args: seen[mod].append(args[0] if args else None))
-             for m in candidates]
-    cache: dict = {}
-    try:
-        with torch.no_grad():
-            for batch in loss_fn.batches:
-                for m in candidates:
-                    seen[m].clear()
-                loss_fn._one(model, batch)
-                data = _batch_tensors(batch)
-                for m, (iw, ib) in candidates.items():
-                    calls = seen[m]
-                    if len(calls) != 1 or not any(calls[0] is t for t in data):
-                        continue  # called on a computed tensor (or twice): not affine on the plane
-                    x = calls[0]
-                    k = len(per_tensor[iw])
-                    zs = [m(x)]
-                    for j in range(k):
-                        db = per_tensor[ib][j].to(theta0[ib].dtype) if ib is not None else None
-                        zs.append(_apply_as_weights(m, x, per_tensor[iw][j].to(theta0[iw].dtype), db))
-                    cache.setdefault(m, {})[id(x)] = tuple(zs)
-    finally:
-        for h in hooks:
-            h.remove()
-    if cache:
-        meta["input_layers_cached"] = sorted(n for n, m in model.named_modules() if m in cache)
-    return cache
-
-
-@contextlib.contextmanager
-def _cached_forwards(cache: dict, coef: dict):
-    """Replace the cached layers' forward by Z_0 + sum_j c_j Z_j (c = coef["c"], set per vmapped point)."""
-    def make(m, table):
-        orig = m.forward
-
-        def forward(x, *args, **kwargs):
-            zs = table.get(id(x))
-            if zs is None or args or kwargs:
-                return orig(x, *args, **kwargs)
-            coef["hits"] = coef.get("hits", 0) + 1
-            out = zs[0]
-            for j, z in enumerate(zs[1:]):
-                out = out + coef["c"][j].to(z.dtype) * z
-            return out
-
-        return forward
-
-    try:
-        for m, table in cache.items():
-            m.forward = make(m, table)
-        yield
-    finally:
-        for m in cache:
-            m.__dict__.pop("forward", None)
-
-
-def _vmap_points(model, loss_fn: BatchLoss, names, theta0, per_tensor, C, G, losses, meta) -> int:
-    """Vectorised evaluation in chunks of G points; returns how many points it evaluated (0 on fallback)."""
+def _vmap_points(model, loss_fn: BatchLoss, names, theta0, per_tensor, C, G, losses, meta, start: int = 0,
+                 stop: int | None = None) -> int:
+    """Vectorised evaluation of points start..stop-1 of C in chunks of G; returns the index after the last point
+    it evaluated (start on fallback). The live parameters must hold theta* (they are read as the base)."""
     from torch.func import functional_call, vmap
 
+    stop = len(C) if stop is None else stop
     base = {n: t.detach() for n, t in model.named_parameters()}
     base.update({n: b.detach() for n, b in model.named_buffers()})
-    cache = _input_layer_cache(model, loss_fn, names, theta0, per_tensor, meta)
-    coef: dict = {}
 
-    def point_loss(c, *perturbed):
-        coef["c"] = c
+    def point_loss(*perturbed):
         state = dict(base)
         state.update(zip(names, perturbed))
         return loss_fn.value(lambda *a, **kw: functional_call(model, state, a, kw))
 
     batched = vmap(point_loss)
-    with torch.no_grad(), _cached_forwards(cache, coef):
-        for s in range(0, len(C), G):
-            stacked = [_points(t0, ds, C[s:s + G]).to(t0.dtype) for t0, ds in zip(theta0, per_tensor)]
+    with torch.no_grad():
+        for s in range(start, stop, G):
+            e = min(s + G, stop)
+            stacked = [_points(t0, ds, C[s:e]).to(t0.dtype) for t0, ds in zip(theta0, per_tensor)]
             try:
-                out = batched(C[s:s + G], *stacked)
-            except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
-                if s > 0:
+                out = batched(*stacked)
+            except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
+                if s > start:
                     raise
-                meta["fallback_reason"] = f"vmap failed: {type(e).__name__}: {e}"[:500]
-                meta.pop("input_layers_cached", None)
-                warnings.warn(f"vectorised grid evaluation failed, using the sequential path ({e})",
+                meta["fallback_reason"] = f"vmap failed: {type(err).__name__}: {err}"[:500]
+                warnings.warn(f"vectorised grid evaluation failed, using the sequential path ({err})",
                               stacklevel=4)
-                return 0
+                return start
             v = out.detach().double().cpu().numpy()
-            losses[s:s + len(v)] = np.where(np.isfinite(v), v, np.nan)
-    meta["path"] = "vmap"
-    if cache:
-        meta["input_layer_calls"] = coef.get("hits", 0)  # cached evaluations (layers x batches x chunks)
-    return len(C)
+            losses[s:e] = np.where(np.isfinite(v), v, np.nan)
+    return stop
 
 
 def _coeffs(*axes, dtype=torch.float64) -> torch.Tensor:
@@ -718,7 +653,7 @@ def _coeffs(*axes, dtype=torch.float64) -> torch.Tensor:
 
 
 def slice_1d(model: nn.Module, loss_fn: Callable[[nn.Module], float], direction: Sequence[torch.Tensor],
-             alphas, *, batch_points: int = 1, recompute_bn=None) -> LandscapeResult:
+             alphas, *, batch_points: int | str = 1, recompute_bn=None) -> LandscapeResult:
     """f(a) = L(theta* + a d) at every a in ``alphas``.
 
     Args:
@@ -727,7 +662,10 @@ def slice_1d(model: nn.Module, loss_fn: Callable[[nn.Module], float], direction:
             vectorised path); called under ``torch.no_grad()`` in eval mode.
         direction: a ``Direction`` (or plain list matching the trainable parameters).
         alphas: 1-D grid.
-        batch_points: grid points per vectorised call (1 = sequential in-place path).
+        batch_points: grid points per vectorised call (1 = sequential in-place path), or "auto": time 4
+            sequential points and one vectorised chunk of up to 32, then finish with the faster path (on a CPU the
+            vectorised path wins when a point is cheap, e.g. few rows, and loses for large batches or
+            convolutions; ``meta["auto"]`` holds the timings).
         recompute_bn: a loader; recompute BatchNorm statistics at every point (sequential).
 
     Returns:
@@ -742,7 +680,7 @@ def slice_1d(model: nn.Module, loss_fn: Callable[[nn.Module], float], direction:
 
 
 def grid_2d(model: nn.Module, loss_fn: Callable[[nn.Module], float], d1: Sequence[torch.Tensor],
-            d2: Sequence[torch.Tensor], alphas, betas, *, batch_points: int = 1,
+            d2: Sequence[torch.Tensor], alphas, betas, *, batch_points: int | str = 1,
             recompute_bn=None) -> LandscapeResult:
     """f(a, b) = L(theta* + a d1 + b d2) on the grid alphas x betas.
 

@@ -51,6 +51,7 @@ import hashlib
 import json
 import math
 import time
+import types
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -317,15 +318,16 @@ def _done_scopes(run: Path, scopes: list[Scope]) -> set[int]:
 
 
 @contextlib.contextmanager
-def _bar(enabled: bool, total: int):
+def _bar(enabled: bool, total: int, label: str = "curvature"):
     if not enabled:
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
-    with Progress(TextColumn("[bold]curvature[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[scope]}"),
-                  TimeElapsedColumn(), transient=False) as p:
-        yield p, p.add_task("curvature", total=total, scope="")
+    with Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[scope]}"),
+                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=False) as p:
+        yield p, p.add_task(label, total=total, scope="")
 
 
 def _compute(cfg: CurvatureConfig, run: Path, info: dist_.DistInfo, store: RunStore, scopes: list[Scope], model,
@@ -593,7 +595,7 @@ def _data_hash(batches) -> str:
 
 
 def _open_module_run(out: Path, info, analysis: str, cfg, model: nn.Module, batches, loss_name: str,
-                     identity_extra: dict, meta_extra: dict) -> RunStore:
+                     identity_extra: dict, meta_extra: dict, name: str | None = None) -> RunStore:
     """Open (or check) the run directory of an in-memory module: identity = config, weights, data, loss."""
     from ..config import semantic_dict
     from ..pipeline import _param_fingerprint
@@ -604,7 +606,7 @@ def _open_module_run(out: Path, info, analysis: str, cfg, model: nn.Module, batc
                 "data_sha256": data_hash, "loss": loss_name, **identity_extra}
     n_blocks = meta_extra.pop("n_blocks", 0)
     meta = {"analysis": analysis, "config": cfg.to_dict(), "config_hash": config_hash(identity),
-            "model": {"id": type(model).__name__, "fingerprint": model_fp, "class": type(model).__name__,
+            "model": {"id": name or type(model).__name__, "fingerprint": model_fp, "class": type(model).__name__,
                       "n_blocks": n_blocks, "layers": []},
             "data": {"path": "<in-memory>", "sha256": data_hash, "n_records": len(batches)},
             "versions": versions(), "seed": cfg.seed, "world_size": info.world_size,
@@ -626,7 +628,8 @@ def curvature_of(model: nn.Module, loss_fn, batches, out: str | Path, *, blocks=
                  trace_scopes: Sequence[str] = ("model", "layer", "kind", "block"),
                  n_probes: int = 3, n_steps: int = 60, max_vectors: int | None = None, mc_samples: int = 1,
                  lr: float | None = None, seed: int = 0, forward_fn=None, progress: bool = False,
-                 report: bool = False, log: Callable[[str], None] = print) -> CurvatureResult:
+                 report: bool = False, name: str | None = None,
+                 log: Callable[[str], None] = print) -> CurvatureResult:
     """Curvature tables of any PyTorch module, written into the run directory `out` (same tables as
     `run_curvature`; resumable, config-guarded).
 
@@ -640,6 +643,7 @@ def curvature_of(model: nn.Module, loss_fn, batches, out: str | Path, *, blocks=
         out: run directory.
         blocks: see `module_scopes` (None: each direct child module with parameters).
         per, operator, method, top_k, ...: as CurvatureConfig.
+        name: the model's name in the manifest and report (default: its class name).
     """
     info = dist_.init()
     out = Path(out)
@@ -667,7 +671,8 @@ def curvature_of(model: nn.Module, loss_fn, batches, out: str | Path, *, blocks=
                 "bulk_quantile": BULK_QUANTILE, **mode}
         store = _open_module_run(out, info, "curvature", cfg, model, batches, loss_name,
                                  {"scopes": [[s.name, list(s.params)] for s in scopes]},
-                                 {"curvature": curv, "n_blocks": sum(s.scope_type == "block" for s in scopes)})
+                                 {"curvature": curv, "n_blocks": sum(s.scope_type == "block" for s in scopes)},
+                                 name)
         was = model.training
         model.eval()
         try:
@@ -763,8 +768,8 @@ def _hessian_axes(model: nn.Module, run, dims: int, manifest: dict) -> list:
 def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: str = "random", dims: int = 2,
                  steps: int = 21, span: float = 1.0, norm: str = "filter", ignore: str | None = "biasbn",
                  from_curvature: str | Path | None = None, to: nn.Module | Mapping | None = None,
-                 recompute_bn: bool = False, batch_points: int = 64, seed: int = 0, report: bool = False,
-                 log: Callable[[str], None] = print) -> LandscapeRunResult:
+                 recompute_bn: bool = False, batch_points: int | str = "auto", seed: int = 0, report: bool = False,
+                 name: str | None = None, log: Callable[[str], None] = print) -> LandscapeRunResult:
     """Loss landscape of any PyTorch module into the run directory `out` (the table and report of
     `run_landscape`; config-guarded: a finished run with the same identity is returned as it is).
 
@@ -780,7 +785,9 @@ def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: s
             [0, 1] widened by span - 1 on each side when span > 1).
         dims, steps, span: 1-D slice or 2-D grid, points per axis, alpha/beta in [-span, span].
         recompute_bn: recompute BatchNorm running statistics on `batches` at every point (sequential path).
-        batch_points: grid points per vectorised (torch.func.vmap) evaluation; 1 = sequential.
+        batch_points: grid points per vectorised (torch.func.vmap) evaluation, 1 = sequential, or "auto" (time
+            both on the first points, keep the faster; see `landscape.grid_2d`).
+        name: the model's name in the manifest and report (default: its class name).
     """
     from .. import landscape as ls
     from ..config import LandscapeConfig
@@ -795,8 +802,8 @@ def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: s
         dtype = {torch.float32: "float32", torch.float64: "float64"}.get(next(model.parameters()).dtype)
         if dtype is None:
             raise ValueError(f"landscape needs float32 or float64 parameters, got {next(model.parameters()).dtype}")
-        if batch_points < 1:
-            raise ValueError(f"batch_points must be at least 1, got {batch_points}")
+        if batch_points != "auto" and not (isinstance(batch_points, int) and batch_points >= 1):
+            raise ValueError(f"batch_points must be a positive integer or 'auto', got {batch_points!r}")
         to_state = None
         if kind == "interpolate":
             if to is None:
@@ -817,7 +824,7 @@ def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: s
         opts = {"kind": kind, "dims": dims, "steps": steps, "span": span, "norm": cfg.norm, "ignore": ignore,
                 "from_curvature": cfg.from_curvature, "to": to_fp, "recompute_bn": bool(recompute_bn)}
         store = _open_module_run(out, info, "landscape", cfg, model, batches, loss_name,
-                                 {"landscape_options": opts}, {"landscape_options": opts})
+                                 {"landscape_options": opts}, {"landscape_options": opts}, name)
         man = read_manifest(out)
         if man.get("finished") and (out / "landscape.parquet").exists():
             log(f"{out}: finished landscape with the same configuration; nothing to do")
@@ -865,6 +872,53 @@ def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: s
         dist_.finalize(info)
 
 
+def _grid_resumable(out: Path, info, model, loss, ds, axis, dims: int, progress: bool, log):
+    """Evaluate the 1-D / 2-D grid chunk by chunk (a row of the 2-D grid, or one 1-D point), writing each
+    finished chunk to RUN/points/{first point:06d}.parquet; a rerun skips the chunks already written.
+    Returns (frame alpha, beta, loss, finite; an object with .meta)."""
+    from .. import landscape as ls
+
+    C = ls._coeffs(axis) if dims == 1 else ls._coeffs(axis, axis)
+    size = 1 if dims == 1 else len(axis)
+    starts = list(range(0, len(C), size))
+    pdir = out / "points"
+    done = set()
+    if info.is_main and pdir.exists():
+        for p in pdir.glob("*.parquet"):
+            try:
+                if len(pd.read_parquet(p)) == min(size, len(C) - int(p.stem)):
+                    done.add(int(p.stem))
+            except Exception:  # a torn file cannot exist (atomic writes), but never trust a foreign one
+                continue
+    done = dist_.broadcast_object(info, done)
+    if info.is_main and done:
+        log(f"resuming {out}: {len(done)} of {len(starts)} chunks of grid points already evaluated")
+    losses = np.full(len(C), np.nan)
+    meta: dict = {}
+    with _bar(progress and info.is_main, len(starts), "landscape") as bar:
+        if bar is not None:
+            bar[0].update(bar[1], completed=len(done))
+        for s0 in starts:
+            p = pdir / f"{s0:06d}.parquet"
+            if s0 in done:
+                if info.is_main:
+                    losses[s0:s0 + size] = pd.read_parquet(p)["loss"].to_numpy()
+                continue
+            part, meta = ls._evaluate(model, loss, ds, C[s0:s0 + size], batch_points=1, recompute_bn=None)
+            losses[s0:s0 + size] = part
+            if info.is_main:
+                write_parquet(pd.DataFrame({"point": np.arange(s0, s0 + len(part)), "loss": part}), p)
+            if bar is not None:
+                bar[0].update(bar[1], advance=1)
+    losses = dist_.broadcast_object(info, losses)
+    meta = {**meta, "n_points": len(C), "n_nonfinite": int(np.isnan(losses).sum()), "resumed_chunks": len(done),
+            "kind": "slice_1d" if dims == 1 else "grid_2d",
+            "directions": [dict(getattr(d, "meta", {})) for d in ds]}
+    frame = pd.DataFrame({"alpha": C[:, 0].numpy(), "beta": C[:, 1].numpy() if dims == 2 else np.nan,
+                          "loss": losses, "finite": np.isfinite(losses)})
+    return frame, types.SimpleNamespace(meta=meta)
+
+
 def _run_landscape(cfg: LandscapeConfig, out, info, model, tokenizer, records, progress, report, log):
     from .. import landscape as ls
     from ..pipeline import prepare
@@ -900,13 +954,7 @@ def _run_landscape(cfg: LandscapeConfig, out, info, model, tokenizer, records, p
             ds = [ls.random_direction(model, seed=cfg.seed + j, norm=norm, names=names) for j in range(cfg.dims)]
         else:
             ds = _hessian_axes(model, cfg.from_curvature, cfg.dims, su.manifest)
-        if cfg.dims == 1:
-            res = ls.slice_1d(model, loss, ds[0], axis)
-            frame = pd.DataFrame({"alpha": res.frame["alpha"], "beta": np.nan, "loss": res.frame["loss"],
-                                  "finite": res.frame["finite"]})
-        else:
-            res = ls.grid_2d(model, loss, ds[0], ds[1], axis, axis)
-            frame = res.frame[["alpha", "beta", "loss", "finite"]].copy()
+        frame, res = _grid_resumable(out, info, model, loss, ds, axis, cfg.dims, progress, log)
     frame["loss"] = frame["loss"].astype(float).where(frame["finite"].astype(bool), np.nan)
     meta = {k: v for k, v in res.meta.items() if isinstance(v, (str, int, float, bool, type(None), list, dict))}
     meta.update(kind=cfg.kind, dims=1 if cfg.kind == "interpolate" else cfg.dims, n_params=int(

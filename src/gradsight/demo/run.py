@@ -23,6 +23,8 @@ from .problems import demo_records, geometry_records
 
 __all__ = ["demo_config", "run_demo", "run_geometry_demo", "run_curvature_demo"]
 
+NET = "digits MLP 64-32-32-10 (seed 0)"
+
 
 def demo_config(model: str = "smollm2-135m-instruct", **overrides) -> LayersConfig:
     base = dict(model=model, data="builtin:demo-arithmetic", encode=EncodeOptions(max_length=512),
@@ -78,11 +80,12 @@ def run_curvature_demo(out: str | Path = "runs/demo/curvature", lm_problems: int
     runs = {}
     runs["digits"] = curvature_of(net, "cross_entropy", batches, out / "digits", per=("model", "block"),
                                   top_k=20, tol=1e-6, n_products=99, n_probes=3, n_steps=100,
-                                  progress=progress, report=True).path
+                                  progress=progress, report=True, name=NET).path
     for name, kw in (("digits-hessian-plane", dict(kind="hessian", from_curvature=runs["digits"])),
                      ("digits-random-plane", dict(kind="random")),
                      ("digits-interpolation", dict(kind="interpolate", to=other, dims=1))):
-        runs[name] = landscape_of(net, "cross_entropy", batches, out / name, steps=21, report=True, **kw).path
+        runs[name] = landscape_of(net, "cross_entropy", batches, out / name, steps=21, report=True, name=NET,
+                                  **kw).path
     if lm:
         cfg = CurvatureConfig(model=model, data=f"builtin:demo-arithmetic-{lm_problems}",
                               encode=EncodeOptions(max_length=512), token_budget=4096, max_batch=64,

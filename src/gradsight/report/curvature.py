@@ -76,8 +76,8 @@ def load_curvature(run_dir: Path | str) -> CurvatureData:
         if name == "stability" and not p.exists():
             tables[name] = None  # only with --lr
             continue
-        if name in ("density", "slq_nodes") and not p.exists():
-            tables[name] = None
+        if name in ("density", "slq_nodes", "trace") and not p.exists():
+            tables[name] = None  # density/trace only for the scope types that asked for one
             continue
         tables[name] = _str_cols(_read_table(p, notes, name), SCOPE_STR)
     if man.get("analysis") != "landscape" and not man.get("finished"):
@@ -295,6 +295,33 @@ def landscape_figures(data: CurvatureData) -> list[dict]:
 # findings
 
 
+def _axis_curvatures(ls: pd.DataFrame, meta: dict) -> list[str]:
+    """Central second differences of the loss at the centre along each axis (vs the eigenvalue on Hessian axes)."""
+    if meta.get("kind") == "interpolate":
+        return []
+    out = []
+    dirs = meta.get("directions") or []
+    for j, (col, other) in enumerate((("alpha", "beta"), ("beta", "alpha"))):
+        if col == "beta" and ls["beta"].isna().all():
+            break
+        line = ls if ls["beta"].isna().all() else ls[np.isclose(ls[other], 0.0)]
+        xs = np.sort(line[col].unique())
+        i0 = np.flatnonzero(np.isclose(xs, 0.0))
+        if len(i0) != 1 or i0[0] == 0 or i0[0] == len(xs) - 1:
+            return out
+        i = int(i0[0])
+        f = line.set_index(col)["loss"]
+        h1, h2 = xs[i] - xs[i - 1], xs[i + 1] - xs[i]
+        fm, f0, fp = float(f[xs[i - 1]]), float(f[xs[i]]), float(f[xs[i + 1]])
+        c = 2 * (h1 * fp + h2 * fm - (h1 + h2) * f0) / (h1 * h2 * (h1 + h2))
+        lam = (dirs[j] or {}).get("eigenvalue") if j < len(dirs) else None
+        ref = (f" (its Hessian eigenvalue: {fmt_num(lam)}; they agree when the loss is quadratic over one grid step)"
+               if _fin(lam) else "")
+        out.append(f"Curvature at the centre along direction {j + 1}: {fmt_num(c)} (second difference over "
+                   f"±{fmt_num(min(h1, h2))}){ref}.")
+    return out
+
+
 def curvature_findings(data: CurvatureData) -> list[dict]:
     """Titles and sentences with the run's numbers (plain text; the template escapes them)."""
     out: list[dict] = []
@@ -321,6 +348,11 @@ def curvature_findings(data: CurvatureData) -> list[dict]:
                 lines.append(f"Per {what}: the largest top eigenvalue is in {hi['scope']} ({fmt_num(hi['eigenvalue'])}), "
                              f"the smallest in {lo['scope']} ({fmt_num(lo['eigenvalue'])}); ratio "
                              f"{fmt_num(hi['eigenvalue'] / lo['eigenvalue']) if lo['eigenvalue'] else '–'}.")
+                if len(m) and hi["eigenvalue"] > 0:
+                    lam, tot = float(m["eigenvalue"].iloc[0]), float(sub["eigenvalue"].clip(lower=0).sum())
+                    lines.append(f"The whole selection's λmax is {fmt_num(lam / hi['eigenvalue'])} times the largest "
+                                 f"{what}'s (the sum over {what}s is {fmt_num(tot)}; a value above 1 means the "
+                                 f"off-diagonal {what} couplings add curvature: the top direction spans {what}s).")
                 break
         n_nc = int((~ev["converged"].astype(bool)).sum())
         if n_nc:
@@ -372,12 +404,16 @@ def curvature_findings(data: CurvatureData) -> list[dict]:
             lines.append(f"Loss at the trained weights: {fmt_num(meta['center_loss'])}.")
         if len(fin):
             lo, hi = fin.loc[fin["loss"].idxmin()], fin.loc[fin["loss"].idxmax()]
-            where = (lambda r: f"alpha {fmt_num(r['alpha'])}" + (f", beta {fmt_num(r['beta'])}" if _fin(r["beta"]) else ""))
-            lines.append(f"Over {len(ls)} points ({meta.get('kind', '?')} directions): minimum {fmt_num(lo['loss'])} at "
+            interp = meta.get("kind") == "interpolate"
+            where = (lambda r: f"{'t' if interp else 'alpha'} {fmt_num(r['alpha'])}"  # noqa: E731
+                     + (f", beta {fmt_num(r['beta'])}" if _fin(r["beta"]) else ""))
+            what = "the linear path between the two models" if interp else f"{meta.get('kind', '?')} directions"
+            lines.append(f"Over {len(ls)} points ({what}): minimum {fmt_num(lo['loss'])} at "
                          f"{where(lo)}, maximum {fmt_num(hi['loss'])} at {where(hi)}.")
         n_nan = int((~ls["finite"].astype(bool)).sum())
         if n_nan:
             lines.append(f"{n_nan} points had a non-finite loss (recorded as NaN).")
+        lines.extend(_axis_curvatures(ls, meta))
         if meta.get("barrier") is not None and _fin(meta.get("barrier")):
             lines.append(f"Interpolation barrier (max loss above the straight line): {fmt_num(meta['barrier'])}.")
         out.append({"title": "Landscape", "lines": lines})
@@ -390,14 +426,15 @@ def curvature_findings(data: CurvatureData) -> list[dict]:
 
 def _settings(man: dict) -> list[tuple[str, str]]:
     cur = man.get("curvature") or man.get("landscape_options") or {}
-    keep = ("operator", "method", "objective", "per", "density_scopes", "top_k", "bottom_k", "tol", "n_products",
+    keep = ("operator", "method", "objective", "per", "trace_scopes", "density_scopes", "top_k", "bottom_k", "tol", "n_products",
             "n_probes", "n_steps", "lr", "switched_to_eval", "sdpa_math", "n_examples", "n_target_tokens",
             "n_batches", "world_size", "kind", "dims", "steps", "span", "norm", "from_curvature", "to")
     out = []
     for k in keep:
         if k in cur:
             v = cur[k]
-            out.append((k, ", ".join(map(str, v)) if isinstance(v, list) else "(none)" if v is None else str(v)))
+            out.append((k, (", ".join(map(str, v)) or "(none)") if isinstance(v, list) else "(none)" if v is None
+                        else str(v)))
     return out
 
 
@@ -436,6 +473,8 @@ def build_curvature_context(data: CurvatureData) -> dict:
         "fig_trace": fig("trace", trace_figure(data)),
         "fig_stability": fig("stability", stability_figure(data)),
         "landscape_figs": land,
+        "landscape_objective": (man.get("landscape") or {}).get("objective") or "the run's objective",
+        "landscape_kind": (man.get("landscape") or {}).get("kind"),
         "figures": figures,
     }
 
