@@ -414,7 +414,7 @@ def test_landscape_of_random_hessian_interpolate(tmp_path):
     np.testing.assert_allclose(r.frame["loss"], ref.frame["loss"], rtol=1e-12)
     assert r.meta["path"] == "vmap" and r.meta["center_loss"] == pytest.approx(base, rel=1e-14)
     auto = landscape_of(net, "cross_entropy", batches, tmp_path / "auto", steps=5, span=0.5)  # default "auto"
-    assert auto.meta["path"] in ("vmap", "sequential") and "auto" in auto.meta
+    assert auto.meta["path"] in ("vmap", "sequential")  # 25 points: too few to time both paths
     np.testing.assert_allclose(auto.frame["loss"], ref.frame["loss"], rtol=1e-12)
     assert (tmp_path / "rand" / "report.html").exists()
     # hessian axes from a curvature_of run of the same model: near theta* the 1-D slice is 0.5 lambda_1 a^2

@@ -665,7 +665,8 @@ def slice_1d(model: nn.Module, loss_fn: Callable[[nn.Module], float], direction:
         batch_points: grid points per vectorised call (1 = sequential in-place path), or "auto": time 4
             sequential points and one vectorised chunk of up to 32, then finish with the faster path (on a CPU the
             vectorised path wins when a point is cheap, e.g. few rows, and loses for large batches or
-            convolutions; ``meta["auto"]`` holds the timings).
+            convolutions; ``meta["auto"]`` holds the timings). Grids of at most 36 points go straight to one
+            vectorised chunk.
         recompute_bn: a loader; recompute BatchNorm statistics at every point (sequential).
 
     Returns:
