@@ -594,6 +594,17 @@ def _data_hash(batches) -> str:
     return h.hexdigest()[:16]
 
 
+def _module_inputs(model: nn.Module, batches, what: str) -> tuple[list, str]:
+    """(the batches as a list, the parameters' dtype name) of an in-memory module run, or a clear error."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError(f"batches is empty: the {what} needs at least one batch")
+    dtype = {torch.float32: "float32", torch.float64: "float64"}.get(next(model.parameters()).dtype)
+    if dtype is None:
+        raise ValueError(f"{what} needs float32 or float64 parameters, got {next(model.parameters()).dtype}")
+    return batches, dtype
+
+
 def _open_module_run(out: Path, info, analysis: str, cfg, model: nn.Module, batches, loss_name: str,
                      identity_extra: dict, meta_extra: dict, name: str | None = None) -> RunStore:
     """Open (or check) the run directory of an in-memory module: identity = config, weights, data, loss."""
@@ -649,12 +660,7 @@ def curvature_of(model: nn.Module, loss_fn, batches, out: str | Path, *, blocks=
     out = Path(out)
     try:
         t0 = time.perf_counter()
-        batches = list(batches)
-        if not batches:
-            raise ValueError("batches is empty: the curvature needs at least one batch")
-        dtype = {torch.float32: "float32", torch.float64: "float64"}.get(next(model.parameters()).dtype)
-        if dtype is None:
-            raise ValueError(f"curvature needs float32 or float64 parameters, got {next(model.parameters()).dtype}")
+        batches, dtype = _module_inputs(model, batches, "curvature")
         cfg = CurvatureConfig(model=type(model).__name__, data="<in-memory>", dtype=dtype, operator=operator,
                               method=method, per=tuple(per), top_k=top_k, bottom_k=bottom_k, tol=tol,
                               max_iter=max_iter, n_products=n_products, density_scopes=tuple(density_scopes),
@@ -796,12 +802,7 @@ def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: s
     out = Path(out)
     try:
         t0 = time.perf_counter()
-        batches = list(batches)
-        if not batches:
-            raise ValueError("batches is empty: the landscape needs at least one batch")
-        dtype = {torch.float32: "float32", torch.float64: "float64"}.get(next(model.parameters()).dtype)
-        if dtype is None:
-            raise ValueError(f"landscape needs float32 or float64 parameters, got {next(model.parameters()).dtype}")
+        batches, dtype = _module_inputs(model, batches, "landscape")
         if batch_points != "auto" and not (isinstance(batch_points, int) and batch_points >= 1):
             raise ValueError(f"batch_points must be a positive integer or 'auto', got {batch_points!r}")
         to_state = None
