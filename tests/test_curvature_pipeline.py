@@ -467,3 +467,35 @@ def test_lm_landscape_killed_run_resumes_chunk_by_chunk(tmp_path):
     assert [p.stat().st_mtime_ns for p in shards[:2]] == kept  # not recomputed
     pd.testing.assert_frame_equal(r2.frame, r.frame)
     assert r2.meta["resumed_chunks"] == 2
+
+
+def test_landscape_of_pca_and_gradient_kinds(tmp_path):
+    from gradsight import landscape as ls
+    from gradsight.curvature.pipeline import landscape_of
+
+    (net, other), batches = _two_mlps()
+    loss = ls.BatchLoss(batches, nn.functional.cross_entropy)
+    # a trajectory ending at net: three earlier checkpoints on the segment other -> net, plus an off-line one
+    sd_net, sd_other = net.state_dict(), other.state_dict()
+    traj = [{k: (1 - t) * sd_net[k] + t * sd_other[k] for k in sd_net} for t in (1.0, 0.6, 0.3)]
+    traj.append({k: v + 0.01 * torch.randn_like(v) for k, v in sd_net.items()})
+    r = landscape_of(net, "cross_entropy", batches, tmp_path / "pca", kind="pca", trajectory=traj, steps=3,
+                     batch_points=1)
+    ds, info = ls.pca_directions(traj, final=sd_net, like=net, k=2)
+    ref = ls.grid_2d(net, loss, ds[0], ds[1], np.linspace(-1, 1, 3), np.linspace(-1, 1, 3))
+    np.testing.assert_allclose(r.frame["loss"], ref.frame["loss"], rtol=1e-12)
+    assert r.meta["pca"]["explained_variance_ratio"][0] > 0.9  # the path is almost a line
+    assert len(r.meta["pca"]["coords"]["alpha"]) == len(traj) + 1
+    with pytest.raises(ValueError, match="needs `trajectory`"):
+        landscape_of(net, "cross_entropy", batches, tmp_path / "p2", kind="pca")
+    # gradient kind: the 1-D slice's slope at 0 is +||g|| (unit gradient direction)
+    g = landscape_of(net, "cross_entropy", batches, tmp_path / "grad", kind="gradient", dims=1, steps=3,
+                     span=1e-5)
+    f = g.frame["loss"].to_numpy()
+    net.zero_grad()
+    loss.value(net).backward()
+    gnorm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in net.parameters())))
+    net.zero_grad(set_to_none=True)
+    assert (f[2] - f[0]) / 2e-5 == pytest.approx(gnorm, rel=1e-4)
+    with pytest.raises(ValueError, match="Python API"):
+        run_landscape(LandscapeConfig(kind="gradient", dims=1), tmp_path / "lm")

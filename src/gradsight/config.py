@@ -276,8 +276,9 @@ class LandscapeConfig(LayersConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.kind not in ("random", "hessian", "interpolate"):
-            raise ValueError(f"kind must be random, hessian or interpolate; got {self.kind!r}")
+        if self.kind not in ("random", "hessian", "interpolate", "pca", "gradient"):
+            raise ValueError(f"kind must be random, hessian or interpolate (Python API also: pca, gradient); "
+                             f"got {self.kind!r}")
         if self.dims not in (1, 2):
             raise ValueError(f"dims must be 1 or 2, got {self.dims}")
         if self.steps < 2:

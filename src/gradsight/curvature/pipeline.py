@@ -594,6 +594,16 @@ def _data_hash(batches) -> str:
     return h.hexdigest()[:16]
 
 
+def _state_fingerprint(states: Sequence[Mapping]) -> str:
+    """sha256 (16 hex) of state_dicts' names and bytes: the identity of in-memory checkpoints."""
+    h = hashlib.sha256()
+    for st in states:
+        for k in sorted(st):
+            h.update(k.encode())
+            h.update(st[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "in-memory:" + h.hexdigest()[:16]
+
+
 def _module_inputs(model: nn.Module, batches, what: str) -> tuple[list, str]:
     """(the batches as a list, the parameters' dtype name) of an in-memory module run, or a clear error."""
     batches = list(batches)
@@ -774,7 +784,7 @@ def _hessian_axes(model: nn.Module, run, dims: int, manifest: dict) -> list:
 def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: str = "random", dims: int = 2,
                  steps: int = 21, span: float = 1.0, norm: str = "filter", ignore: str | None = "biasbn",
                  from_curvature: str | Path | None = None, to: nn.Module | Mapping | None = None,
-                 recompute_bn: bool = False, batch_points: int | str = "auto", seed: int = 0, report: bool = False,
+                 trajectory: Sequence | None = None, recompute_bn: bool = False, batch_points: int | str = "auto", seed: int = 0, report: bool = False,
                  name: str | None = None, log: Callable[[str], None] = print) -> LandscapeRunResult:
     """Loss landscape of any PyTorch module into the run directory `out` (the table and report of
     `run_landscape`; config-guarded: a finished run with the same identity is returned as it is).
@@ -788,7 +798,10 @@ def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: s
         kind: "random" (seeded Gaussian, `norm`-normalised, 1-D tensors zeroed with ignore="biasbn"),
             "hessian" (the top eigenvectors stored by `curvature_of` in `from_curvature`), or "interpolate"
             (the segment from this model to `to`, a module or state_dict of the same architecture; t in
-            [0, 1] widened by span - 1 on each side when span > 1).
+            [0, 1] widened by span - 1 on each side when span > 1), "pca" (the top principal components of
+            `trajectory` - earlier checkpoints in training order - around this model, the final point;
+            the checkpoints' coordinates go to the manifest), or "gradient" (the unit gradient of the loss;
+            with dims=2 the second axis is a random direction).
         dims, steps, span: 1-D slice or 2-D grid, points per axis, alpha/beta in [-span, span].
         recompute_bn: recompute BatchNorm running statistics on `batches` at every point (sequential path).
         batch_points: grid points per vectorised (torch.func.vmap) evaluation, 1 = sequential, or "auto" (time
@@ -810,13 +823,14 @@ def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: s
             if to is None:
                 raise ValueError("kind interpolate needs `to` (a module or state_dict of the same architecture)")
             to_state = to.state_dict() if isinstance(to, nn.Module) else dict(to)
-        to_fp = None
-        if to_state is not None:
-            h = hashlib.sha256()
-            for k in sorted(to_state):
-                h.update(k.encode())
-                h.update(to_state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            to_fp = "in-memory:" + h.hexdigest()[:16]
+        to_fp = None if to_state is None else _state_fingerprint([to_state])
+        traj = None
+        if kind == "pca":
+            if not trajectory:
+                raise ValueError("kind pca needs `trajectory` (earlier checkpoints: modules or state_dicts, in "
+                                 "training order; the model is the final point)")
+            traj = [t.state_dict() if isinstance(t, nn.Module) else dict(t) for t in trajectory]
+            to_fp = "trajectory:" + _state_fingerprint(traj)
         cfg = LandscapeConfig(model=type(model).__name__, data="<in-memory>", dtype=dtype, kind=kind, dims=dims,
                               steps=steps, span=span, norm="none" if norm is None else norm,
                               from_curvature=None if from_curvature is None else str(from_curvature), to=to_fp,
@@ -832,6 +846,7 @@ def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: s
             return LandscapeRunResult(out, pd.read_parquet(out / "landscape.parquet"), man.get("landscape") or {})
         loss = ls.BatchLoss(batches, _resolve_loss(loss_fn))
         bn = batches if recompute_bn else None
+        extra_meta: dict = {}
         axis = np.linspace(-span, span, steps)
         if kind == "interpolate":
             state_a = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -846,6 +861,17 @@ def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: s
                       for j in range(dims)]
             elif kind == "hessian":
                 ds = _hessian_axes(model, from_curvature, dims, man)
+            elif kind == "pca":
+                ds, pca = ls.pca_directions(traj, final=model.state_dict(), like=model, k=dims)
+                if len(ds) < dims:
+                    raise ValueError(f"the trajectory spans {len(ds)} direction(s); dims={dims} needs {dims}")
+                extra_meta["pca"] = {"explained_variance_ratio": pca["explained_variance_ratio"],
+                                     "coords": pca["coords"].to_dict("list")}
+            elif kind == "gradient":
+                ds = [ls.gradient_direction(model, lambda m: loss.value(m))]
+                if dims == 2:
+                    ds.append(ls.random_direction(model, seed=seed, norm=None if norm == "none" else norm,
+                                                  ignore=ignore))
             else:
                 raise ValueError(f"kind must be random, hessian or interpolate; got {kind!r}")
             if dims == 1:
@@ -858,7 +884,7 @@ def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: s
         meta.update(kind=kind, dims=1 if kind == "interpolate" else dims,
                     n_params=int(sum(p.numel() for p in model.parameters())),
                     objective=f"mean {loss_name} over all rows", n_batches=len(batches),
-                    center_loss=float(loss(model)) if kind != "interpolate" else None)
+                    center_loss=float(loss(model)) if kind != "interpolate" else None, **extra_meta)
         if info.is_main:
             write_parquet(frame, out / "landscape.parquet")
             store.update_manifest(landscape=json.loads(json.dumps(meta, default=str)), finished=True,
@@ -925,6 +951,9 @@ def _run_landscape(cfg: LandscapeConfig, out, info, model, tokenizer, records, p
     from ..pipeline import prepare
 
     t0 = time.perf_counter()
+    if cfg.kind in ("pca", "gradient"):
+        raise ValueError(f"kind {cfg.kind!r} is available in the Python API (gradsight.curvature.landscape_of); "
+                         "the command takes random, hessian or interpolate")
     if model is not None:
         _check_dtype(model, cfg.dtype)
     extra = {"landscape_options": {"kind": cfg.kind, "dims": cfg.dims, "steps": cfg.steps, "span": cfg.span,
