@@ -537,10 +537,15 @@ AUTO_CHUNK = 32  # then one vectorised chunk of this many points; the faster pat
 AUTO_MAX_BYTES = 1 << 29  # the chunk's stacked perturbed parameters stay under 512 MB (fewer points if needed)
 
 
-def _evaluate(model, loss_fn, directions, C: torch.Tensor, *, batch_points: int | str, recompute_bn) -> tuple:
-    """Losses at theta* + C @ directions for every row of C (N, k); returns (losses (N,), meta)."""
+def check_batch_points(batch_points) -> None:
+    """A positive integer or "auto", else a ValueError naming the value."""
     if batch_points != "auto" and not (isinstance(batch_points, int) and batch_points >= 1):
         raise ValueError(f"batch_points must be a positive integer or 'auto', got {batch_points!r}")
+
+
+def _evaluate(model, loss_fn, directions, C: torch.Tensor, *, batch_points: int | str, recompute_bn) -> tuple:
+    """Losses at theta* + C @ directions for every row of C (N, k); returns (losses (N,), meta)."""
+    check_batch_points(batch_points)
     named_lists = [_resolve(model, d) for d in directions]
     names = [n for n, _ in named_lists[0]]
     for nl in named_lists[1:]:

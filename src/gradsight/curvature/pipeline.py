@@ -784,8 +784,9 @@ def _hessian_axes(model: nn.Module, run, dims: int, manifest: dict) -> list:
 def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: str = "random", dims: int = 2,
                  steps: int = 21, span: float = 1.0, norm: str = "filter", ignore: str | None = "biasbn",
                  from_curvature: str | Path | None = None, to: nn.Module | Mapping | None = None,
-                 trajectory: Sequence | None = None, recompute_bn: bool = False, batch_points: int | str = "auto", seed: int = 0, report: bool = False,
-                 name: str | None = None, log: Callable[[str], None] = print) -> LandscapeRunResult:
+                 trajectory: Sequence | None = None, recompute_bn: bool = False,
+                 batch_points: int | str = "auto", seed: int = 0, report: bool = False, name: str | None = None,
+                 log: Callable[[str], None] = print) -> LandscapeRunResult:
     """Loss landscape of any PyTorch module into the run directory `out` (the table and report of
     `run_landscape`; config-guarded: a finished run with the same identity is returned as it is).
 
@@ -816,8 +817,7 @@ def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: s
     try:
         t0 = time.perf_counter()
         batches, dtype = _module_inputs(model, batches, "landscape")
-        if batch_points != "auto" and not (isinstance(batch_points, int) and batch_points >= 1):
-            raise ValueError(f"batch_points must be a positive integer or 'auto', got {batch_points!r}")
+        ls.check_batch_points(batch_points)  # before the run directory is created
         to_state = None
         if kind == "interpolate":
             if to is None:
