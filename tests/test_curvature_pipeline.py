@@ -499,3 +499,45 @@ def test_landscape_of_pca_and_gradient_kinds(tmp_path):
     assert (f[2] - f[0]) / 2e-5 == pytest.approx(gnorm, rel=1e-4)
     with pytest.raises(ValueError, match="Python API"):
         run_landscape(LandscapeConfig(kind="gradient", dims=1), tmp_path / "lm")
+
+
+def test_lm_interpolation_cli_endpoints_barrier_and_resume(model_dir, data_file, tmp_path):
+    # the segment from the tiny Llama (seed 0) to another (seed 1): endpoints are the two models' own losses,
+    # the barrier is recomputed from the points, and a killed run re-evaluates only the missing points
+    from helpers import tiny_model
+
+    other = tmp_path / "other"
+    tiny_model(seed=1).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    base = ["landscape", "--model", str(model_dir), "--data", str(data_file), "--n-examples", "3",
+            "--max-length", "40", "--truncation", "left", "--dtype", "float64", "--attn", "eager",
+            "--kind", "interpolate", "--to", str(other), "--steps", "5", "--quiet", "--out", str(tmp_path / "int")]
+    with pytest.raises(SystemExit) as e:
+        cli_main(base)
+    assert e.value.code == 0
+    f = pd.read_parquet(tmp_path / "int" / "landscape.parquet")
+    assert f["alpha"].tolist() == [0.0, 0.25, 0.5, 0.75, 1.0] and f["finite"].all()
+    ends = []
+    for i, d in enumerate((model_dir, other)):  # each model's own loss on the same data: the centre of a slice
+        with pytest.raises(SystemExit):
+            cli_main(["landscape", "--model", str(d), "--data", str(data_file), "--n-examples", "3",
+                      "--max-length", "40", "--truncation", "left", "--dtype", "float64", "--attn", "eager",
+                      "--dims", "1", "--steps", "3", "--quiet", "--no-report", "--out", str(tmp_path / f"c{i}")])
+        ends.append(json.loads((tmp_path / f"c{i}" / "manifest.json").read_text())["landscape"]["center_loss"])
+    assert f["loss"].iloc[0] == pytest.approx(ends[0], rel=1e-10)
+    assert f["loss"].iloc[-1] == pytest.approx(ends[1], rel=1e-10)
+    man = json.loads((tmp_path / "int" / "manifest.json").read_text())["landscape"]
+    line = (1 - f["alpha"]) * f["loss"].iloc[0] + f["alpha"] * f["loss"].iloc[-1]
+    assert man["barrier"] == pytest.approx(float((f["loss"] - line).max()), abs=1e-12)
+    # kill: two points and the table are gone; the rerun evaluates those two only
+    shards = sorted((tmp_path / "int" / "points").glob("*.parquet"))
+    assert len(shards) == 5
+    kept = {p: p.stat().st_mtime_ns for p in shards[::2]}
+    for p in shards[1::2]:
+        p.unlink()
+    (tmp_path / "int" / "landscape.parquet").unlink()
+    with pytest.raises(SystemExit) as e:
+        cli_main(base)
+    assert e.value.code == 0
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "int" / "landscape.parquet"), f)

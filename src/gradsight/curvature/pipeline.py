@@ -899,50 +899,72 @@ def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: s
         dist_.finalize(info)
 
 
-def _grid_resumable(out: Path, info, model, loss, ds, axis, dims: int, progress: bool, log):
-    """Evaluate the 1-D / 2-D grid chunk by chunk (a row of the 2-D grid, or one 1-D point), writing each
-    finished chunk to RUN/points/{first point:06d}.parquet; a rerun skips the chunks already written.
-    Returns (frame alpha, beta, loss, finite; an object with .meta)."""
-    from .. import landscape as ls
-
-    C = ls._coeffs(axis) if dims == 1 else ls._coeffs(axis, axis)
-    size = 1 if dims == 1 else len(axis)
-    starts = list(range(0, len(C), size))
+def _chunks_resumable(out: Path, info, n: int, size: int, evaluate, progress: bool,
+                      log) -> tuple[np.ndarray, dict, int]:
+    """Losses of n points evaluated in chunks of `size` by `evaluate(lo, hi) -> (losses, meta)`; each finished
+    chunk goes to RUN/points/{lo:06d}.parquet and a rerun skips the chunks already written.
+    Returns (losses (n,), the last chunk's meta, number of chunks resumed)."""
+    starts = list(range(0, n, size))
     pdir = out / "points"
     done = set()
     if info.is_main and pdir.exists():
         for p in pdir.glob("*.parquet"):
             try:
-                if len(pd.read_parquet(p)) == min(size, len(C) - int(p.stem)):
+                if len(pd.read_parquet(p)) == min(size, n - int(p.stem)):
                     done.add(int(p.stem))
             except Exception:  # a torn file cannot exist (atomic writes), but never trust a foreign one
                 continue
     done = dist_.broadcast_object(info, done)
     if info.is_main and done:
-        log(f"resuming {out}: {len(done)} of {len(starts)} chunks of grid points already evaluated")
-    losses = np.full(len(C), np.nan)
+        log(f"resuming {out}: {len(done)} of {len(starts)} chunks of points already evaluated")
+    losses = np.full(n, np.nan)
     meta: dict = {}
     with _bar(progress and info.is_main, len(starts), "landscape") as bar:
         if bar is not None:
             bar[0].update(bar[1], completed=len(done))
         for s0 in starts:
-            p = pdir / f"{s0:06d}.parquet"
+            p, s1 = pdir / f"{s0:06d}.parquet", min(s0 + size, n)
             if s0 in done:
                 if info.is_main:
-                    losses[s0:s0 + size] = pd.read_parquet(p)["loss"].to_numpy()
+                    losses[s0:s1] = pd.read_parquet(p)["loss"].to_numpy()
                 continue
-            part, meta = ls._evaluate(model, loss, ds, C[s0:s0 + size], batch_points=1, recompute_bn=None)
-            losses[s0:s0 + size] = part
+            losses[s0:s1], meta = evaluate(s0, s1)
             if info.is_main:
-                write_parquet(pd.DataFrame({"point": np.arange(s0, s0 + len(part)), "loss": part}), p)
+                write_parquet(pd.DataFrame({"point": np.arange(s0, s1), "loss": losses[s0:s1]}), p)
             if bar is not None:
                 bar[0].update(bar[1], advance=1)
-    losses = dist_.broadcast_object(info, losses)
-    meta = {**meta, "n_points": len(C), "n_nonfinite": int(np.isnan(losses).sum()), "resumed_chunks": len(done),
+    return dist_.broadcast_object(info, losses), meta, len(done)
+
+
+def _grid_resumable(out: Path, info, model, loss, ds, axis, dims: int, progress: bool, log):
+    """The 1-D / 2-D grid in resumable chunks (a row of the 2-D grid, or one 1-D point).
+    Returns (frame alpha, beta, loss, finite; an object with .meta)."""
+    from .. import landscape as ls
+
+    C = ls._coeffs(axis) if dims == 1 else ls._coeffs(axis, axis)
+    losses, meta, resumed = _chunks_resumable(
+        out, info, len(C), 1 if dims == 1 else len(axis),
+        lambda lo, hi: ls._evaluate(model, loss, ds, C[lo:hi], batch_points=1, recompute_bn=None), progress, log)
+    meta = {**meta, "n_points": len(C), "n_nonfinite": int(np.isnan(losses).sum()), "resumed_chunks": resumed,
             "kind": "slice_1d" if dims == 1 else "grid_2d",
             "directions": [dict(getattr(d, "meta", {})) for d in ds]}
     frame = pd.DataFrame({"alpha": C[:, 0].numpy(), "beta": C[:, 1].numpy() if dims == 2 else np.nan,
                           "loss": losses, "finite": np.isfinite(losses)})
+    return frame, types.SimpleNamespace(meta=meta)
+
+
+def _interpolation_resumable(out: Path, info, model, loss, state_a, state_b, ts, progress: bool, log):
+    """`landscape.interpolate` one point per resumable chunk; the barrier from all points at the end."""
+    from .. import landscape as ls
+
+    def evaluate(lo, hi):
+        r = ls.interpolate(model, state_a, state_b, loss, ts[lo:hi])
+        return r.frame["loss"].to_numpy(), r.meta
+
+    losses, meta, resumed = _chunks_resumable(out, info, len(ts), 1, evaluate, progress, log)
+    meta = {**meta, "n_points": len(ts), "n_nonfinite": int(np.isnan(losses).sum()), "resumed_chunks": resumed,
+            "barrier": ls._barrier(ts, losses)}
+    frame = pd.DataFrame({"alpha": ts, "beta": np.nan, "loss": losses, "finite": np.isfinite(losses)})
     return frame, types.SimpleNamespace(meta=meta)
 
 
@@ -975,9 +997,7 @@ def _run_landscape(cfg: LandscapeConfig, out, info, model, tokenizer, records, p
         state_a = {k: v.detach().clone() for k, v in model.state_dict().items()}
         lo, hi = (1 - cfg.span, cfg.span) if cfg.span > 1 else (0.0, 1.0)
         ts = np.union1d(np.linspace(lo, hi, cfg.steps), [0.0, 1.0])  # endpoints: the checkpoints, the barrier
-        res = ls.interpolate(model, state_a, state_b, loss, ts)
-        frame = pd.DataFrame({"alpha": res.frame["t"], "beta": np.nan, "loss": res.frame["loss"],
-                              "finite": res.frame["finite"]})
+        frame, res = _interpolation_resumable(out, info, model, loss, state_a, state_b, ts, progress, log)
     else:
         if cfg.kind == "random":
             norm = None if cfg.norm == "none" else cfg.norm
