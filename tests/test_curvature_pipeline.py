@@ -497,8 +497,6 @@ def test_landscape_of_pca_and_gradient_kinds(tmp_path):
     gnorm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in net.parameters())))
     net.zero_grad(set_to_none=True)
     assert (f[2] - f[0]) / 2e-5 == pytest.approx(gnorm, rel=1e-4)
-    with pytest.raises(ValueError, match="Python API"):
-        run_landscape(LandscapeConfig(kind="gradient", dims=1), tmp_path / "lm")
 
 
 def test_lm_interpolation_cli_endpoints_barrier_and_resume(model_dir, data_file, tmp_path):
@@ -541,3 +539,38 @@ def test_lm_interpolation_cli_endpoints_barrier_and_resume(model_dir, data_file,
     assert e.value.code == 0
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "int" / "landscape.parquet"), f)
+
+
+def test_lm_landscape_gradient_and_pca_kinds(model_dir, data_file, tmp_path):
+    from helpers import tiny_model
+
+    base = ["landscape", "--model", str(model_dir), "--data", str(data_file), "--n-examples", "3",
+            "--max-length", "40", "--truncation", "left", "--dtype", "float64", "--attn", "eager", "--kinds", "q,v",
+            "--quiet", "--no-report"]
+    # gradient: the 1-D slice's slope at theta* is the gradient norm on the selected weights
+    with pytest.raises(SystemExit) as e:
+        cli_main(base + ["--kind", "gradient", "--dims", "1", "--steps", "3", "--span", "1e-5",
+                         "--out", str(tmp_path / "g")])
+    assert e.value.code == 0
+    f = pd.read_parquet(tmp_path / "g" / "landscape.parquet")["loss"].to_numpy()
+    meta = json.loads((tmp_path / "g" / "manifest.json").read_text())["landscape"]
+    assert (f[2] - f[0]) / 2e-5 == pytest.approx(meta["directions"][0]["grad_norm"], rel=1e-4)
+    # pca: three earlier checkpoints (other seeds) around the model; 2-D grid, coordinates in the manifest
+    ckpts = []
+    for seed in (1, 2, 3):
+        d = tmp_path / f"ck{seed}"
+        tiny_model(seed=seed).save_pretrained(d)
+        tiny_tokenizer().save_pretrained(d)
+        ckpts.append(str(d))
+    with pytest.raises(SystemExit) as e:
+        cli_main(base + ["--kind", "pca", "--trajectory", ",".join(ckpts), "--steps", "3",
+                         "--out", str(tmp_path / "p")])
+    assert e.value.code == 0
+    land = pd.read_parquet(tmp_path / "p" / "landscape.parquet")
+    meta = json.loads((tmp_path / "p" / "manifest.json").read_text())["landscape"]
+    assert len(land) == 9 and land["finite"].all()
+    ratios = meta["pca"]["explained_variance_ratio"]
+    assert len(ratios) == 2 and ratios[0] >= ratios[1] > 0 and sum(ratios) <= 1 + 1e-12
+    assert len(meta["pca"]["coords"]["alpha"]) == 4  # 3 checkpoints + the model at the origin
+    with pytest.raises(ValueError, match="needs --trajectory"):
+        LandscapeConfig(kind="pca")

@@ -264,21 +264,24 @@ class LandscapeConfig(LayersConfig):
     """
 
     kind: str = _f("random", "directions: random (filter-normalised Gaussian), hessian (top-2 eigenvectors of "
-                             "a curvature run, --from-curvature), interpolate (towards --to)")
+                             "a curvature run, --from-curvature), interpolate (towards --to), pca (principal "
+                             "components of --trajectory), gradient (unit gradient; 2-D: plus a random axis)")
     dims: int = _f(2, "1 (slice) or 2 (grid)")
     steps: int = _f(11, "points per axis")
     span: float = _f(1.0, "alpha, beta range: [-span, span] (interpolate: t in [0, 1] widened by span - 1 "
                           "on both sides when span > 1)")
     from_curvature: str | None = _f(None, "curvature run directory holding the eigenvectors (kind hessian)")
     to: str | None = _f(None, "second model for kind interpolate (same architecture)")
+    trajectory: tuple[str, ...] = _f((), "kind pca: earlier checkpoints of the model in training order "
+                                         "(comma-separated model specs; the model itself is the final point)")
     norm: str = _f("filter", "random direction normalisation: filter, layer, weight, dfilter, dlayer, none")
     n_examples: int | None = _f(None, "use only the first N usable examples (by record order)")
 
     def __post_init__(self):
+        object.__setattr__(self, "trajectory", _csv_tuple(self.trajectory))
         super().__post_init__()
         if self.kind not in ("random", "hessian", "interpolate", "pca", "gradient"):
-            raise ValueError(f"kind must be random, hessian or interpolate (Python API also: pca, gradient); "
-                             f"got {self.kind!r}")
+            raise ValueError(f"kind must be random, hessian, interpolate, pca or gradient; got {self.kind!r}")
         if self.dims not in (1, 2):
             raise ValueError(f"dims must be 1 or 2, got {self.dims}")
         if self.steps < 2:
@@ -289,6 +292,8 @@ class LandscapeConfig(LayersConfig):
             raise ValueError("kind hessian needs --from-curvature RUN (a curvature run with eigenvectors)")
         if self.kind == "interpolate" and not self.to:
             raise ValueError("kind interpolate needs --to MODEL (the other end of the segment)")
+        if self.kind == "pca" and not self.trajectory:
+            raise ValueError("kind pca needs --trajectory CKPT1,CKPT2,... (earlier checkpoints of the model)")
         if self.norm not in ("filter", "layer", "weight", "dfilter", "dlayer", "none"):
             raise ValueError(f"norm must be filter, layer, weight, dfilter, dlayer or none; got {self.norm!r}")
         if self.n_examples is not None and self.n_examples < 1:

@@ -830,14 +830,15 @@ def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: s
                 raise ValueError("kind pca needs `trajectory` (earlier checkpoints: modules or state_dicts, in "
                                  "training order; the model is the final point)")
             traj = [t.state_dict() if isinstance(t, nn.Module) else dict(t) for t in trajectory]
-            to_fp = "trajectory:" + _state_fingerprint(traj)
         cfg = LandscapeConfig(model=type(model).__name__, data="<in-memory>", dtype=dtype, kind=kind, dims=dims,
                               steps=steps, span=span, norm="none" if norm is None else norm,
                               from_curvature=None if from_curvature is None else str(from_curvature), to=to_fp,
-                              seed=seed, device="cpu")
+                              trajectory=() if traj is None else (_state_fingerprint(traj),), seed=seed,
+                              device="cpu")
         loss_name = loss_fn if isinstance(loss_fn, str) else getattr(loss_fn, "__qualname__", repr(loss_fn))
         opts = {"kind": kind, "dims": dims, "steps": steps, "span": span, "norm": cfg.norm, "ignore": ignore,
-                "from_curvature": cfg.from_curvature, "to": to_fp, "recompute_bn": bool(recompute_bn)}
+                "from_curvature": cfg.from_curvature, "to": to_fp, "trajectory": list(cfg.trajectory),
+                "recompute_bn": bool(recompute_bn)}
         store = _open_module_run(out, info, "landscape", cfg, model, batches, loss_name,
                                  {"landscape_options": opts}, {"landscape_options": opts}, name)
         man = read_manifest(out)
@@ -968,23 +969,86 @@ def _interpolation_resumable(out: Path, info, model, loss, state_a, state_b, ts,
     return frame, types.SimpleNamespace(meta=meta)
 
 
+def _lm_gradient_direction(model, batches, names: list[str], info):
+    """The unit gradient of the pooled token-mean loss (all ranks) w.r.t. the named weights, as a Direction."""
+    import torch.nn.functional as F
+
+    from .. import landscape as ls
+
+    have = dict(model.named_parameters())
+    params = [have[n] for n in names]
+    flags = [p.requires_grad for p in params]
+    grads = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    count = torch.zeros(1, dtype=torch.float64)
+    was = model.training
+    model.eval()
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for b in batches:
+            logits, labels = causal_lm_forward(model, b)
+            total = F.cross_entropy(logits.float() if logits.dtype == torch.float16 else logits, labels,
+                                    reduction="sum")
+            for g, gi in zip(grads, torch.autograd.grad(total, params)):
+                g += gi.double()
+            count += labels.numel()
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.train(was)
+    if info.world_size > 1:
+        import torch.distributed as dist
+
+        for g in grads:
+            dist.all_reduce(g)
+        dist.all_reduce(count)
+    gn = math.sqrt(sum(float(g.pow(2).sum()) for g in grads)) / float(count)
+    if gn == 0:
+        raise ValueError("the gradient of the loss is zero on these weights: no gradient direction")
+    parts = [(g / float(count) / gn).to(p.dtype) for g, p in zip(grads, params)]
+    return ls.Direction(parts, names, kind="gradient", grad_norm=gn, norm="unit")
+
+
+def _lm_pca_directions(cfg: LandscapeConfig, model, names: list[str]):
+    """Top principal components of the checkpoints in cfg.trajectory around the model (selected weights)."""
+    from .. import landscape as ls
+    from ..models import load_model
+
+    have = dict(model.named_parameters())
+    traj = []
+    for spec in cfg.trajectory:
+        ck, _ = load_model(spec, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
+        sd = dict(ck.named_parameters())
+        missing = [n for n in names if n not in sd or sd[n].shape != have[n].shape]
+        if missing:
+            raise ValueError(f"--trajectory {spec}: weights {missing[:3]} are missing or have another shape "
+                             "(the checkpoints must share the model's architecture)")
+        traj.append({n: sd[n].detach().to(have[n].device) for n in names})
+        del ck
+    final = {n: have[n].detach() for n in names}
+    ds, info = ls.pca_directions(traj, final=final, k=cfg.dims)
+    if len(ds) < cfg.dims:
+        raise ValueError(f"the trajectory spans {len(ds)} direction(s); --dims {cfg.dims} needs {cfg.dims}")
+    return ds, {"explained_variance_ratio": info["explained_variance_ratio"],
+                "coords": info["coords"].to_dict("list"), "checkpoints": list(cfg.trajectory)}
+
+
 def _run_landscape(cfg: LandscapeConfig, out, info, model, tokenizer, records, progress, report, log):
     from .. import landscape as ls
     from ..pipeline import prepare
 
     t0 = time.perf_counter()
-    if cfg.kind in ("pca", "gradient"):
-        raise ValueError(f"kind {cfg.kind!r} is available in the Python API (gradsight.curvature.landscape_of); "
-                         "the command takes random, hessian or interpolate")
     if model is not None:
         _check_dtype(model, cfg.dtype)
     extra = {"landscape_options": {"kind": cfg.kind, "dims": cfg.dims, "steps": cfg.steps, "span": cfg.span,
-                                   "norm": cfg.norm, "from_curvature": cfg.from_curvature, "to": cfg.to},
+                                   "norm": cfg.norm, "from_curvature": cfg.from_curvature, "to": cfg.to,
+                                   "trajectory": list(cfg.trajectory)},
              "loss": {"objective": OBJECTIVE, "mode": "eval", "dtype": cfg.dtype}}
     su = prepare(cfg, out, info, model, tokenizer, records, analysis="landscape", extra=extra)
     model = su.model
     batches, counts = _lm_batches(cfg, su.records, su.tokenizer, info, su.device)
     loss = _PooledLoss(batches, info)
+    extra_meta: dict = {}
     names = [f"{li.name}.weight" for li in su.layers]
     have = dict(model.named_parameters())
     names = [n for n in dict.fromkeys(names) if n in have]
@@ -999,18 +1063,25 @@ def _run_landscape(cfg: LandscapeConfig, out, info, model, tokenizer, records, p
         ts = np.union1d(np.linspace(lo, hi, cfg.steps), [0.0, 1.0])  # endpoints: the checkpoints, the barrier
         frame, res = _interpolation_resumable(out, info, model, loss, state_a, state_b, ts, progress, log)
     else:
+        norm = None if cfg.norm == "none" else cfg.norm
         if cfg.kind == "random":
-            norm = None if cfg.norm == "none" else cfg.norm
             ds = [ls.random_direction(model, seed=cfg.seed + j, norm=norm, names=names) for j in range(cfg.dims)]
-        else:
+        elif cfg.kind == "hessian":
             ds = _hessian_axes(model, cfg.from_curvature, cfg.dims, su.manifest)
+        elif cfg.kind == "gradient":
+            ds = [_lm_gradient_direction(model, batches, names, info)]
+            if cfg.dims == 2:
+                ds.append(ls.random_direction(model, seed=cfg.seed, norm=norm, names=names))
+        else:  # pca
+            ds, pca = _lm_pca_directions(cfg, model, names)
+            extra_meta["pca"] = pca
         frame, res = _grid_resumable(out, info, model, loss, ds, axis, cfg.dims, progress, log)
     frame["loss"] = frame["loss"].astype(float).where(frame["finite"].astype(bool), np.nan)
     meta = {k: v for k, v in res.meta.items() if isinstance(v, (str, int, float, bool, type(None), list, dict))}
     meta.update(kind=cfg.kind, dims=1 if cfg.kind == "interpolate" else cfg.dims, n_params=int(
         sum(have[n].numel() for n in names)), objective=OBJECTIVE,
         center_loss=float(loss(model)) if cfg.kind != "interpolate" else None,
-        **{k: v for k, v in counts.items() if k != "examples"})
+        **{k: v for k, v in counts.items() if k != "examples"}, **extra_meta)
     if info.is_main:
         write_parquet(frame, out / "landscape.parquet")
         su.store.update_manifest(landscape=json.loads(json.dumps(meta, default=str)), finished=True,
