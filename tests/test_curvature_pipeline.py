@@ -480,7 +480,9 @@ def test_landscape_of_pca_and_gradient_kinds(tmp_path):
     traj = [{k: (1 - t) * sd_net[k] + t * sd_other[k] for k in sd_net} for t in (1.0, 0.6, 0.3)]
     traj.append({k: v + 0.01 * torch.randn_like(v) for k, v in sd_net.items()})
     r = landscape_of(net, "cross_entropy", batches, tmp_path / "pca", kind="pca", trajectory=traj, steps=3,
-                     batch_points=1)
+                     batch_points=1, report=True)
+    page = (tmp_path / "pca" / "report.html").read_text()
+    assert "PCA plane of 4 checkpoints" in page and '"name":"trajectory"' in page.replace(" ", "")
     ds, info = ls.pca_directions(traj, final=sd_net, like=net, k=2)
     ref = ls.grid_2d(net, loss, ds[0], ds[1], np.linspace(-1, 1, 3), np.linspace(-1, 1, 3))
     np.testing.assert_allclose(r.frame["loss"], ref.frame["loss"], rtol=1e-12)

@@ -273,6 +273,13 @@ def landscape_figures(data: CurvatureData) -> list[dict]:
                         "contours": {"coloring": "heatmap", "showlabels": True}, "colorbar": {"title": "loss"},
                         "hovertemplate": "α %{x:.3g}, β %{y:.3g}: loss %{z:.5g}<extra></extra>"}],
                       _Subplots([""]), 480)
+    coords = (meta.get("pca") or {}).get("coords") or {}
+    if coords.get("alpha") and coords.get("beta"):  # the checkpoints of a PCA plane, in training order
+        contour["data"].append({"type": "scatter", "mode": "lines+markers", "name": "trajectory",
+                                "x": _floats(coords["alpha"]), "y": _floats(coords["beta"]),
+                                "marker": {"color": "#ffffff", "size": 7, "line": {"color": "#000000", "width": 1}},
+                                "line": {"color": "#ffffff", "dash": "dot"},
+                                "hovertemplate": "checkpoint %{pointNumber}: α %{x:.3g}, β %{y:.3g}<extra></extra>"})
     contour["layout"]["xaxis"].update(title="alpha (direction 1)")
     contour["layout"]["yaxis"].update(title="beta (direction 2)", scaleanchor="x")
     surface = {"data": [{"type": "surface", "x": _floats(a), "y": _floats(b), "z": z, "colorscale": "Viridis",
@@ -413,6 +420,11 @@ def curvature_findings(data: CurvatureData) -> list[dict]:
         n_nan = int((~ls["finite"].astype(bool)).sum())
         if n_nan:
             lines.append(f"{n_nan} points had a non-finite loss (recorded as NaN).")
+        pca = meta.get("pca") or {}
+        if pca.get("explained_variance_ratio"):
+            shares = ", ".join(f"{100 * float(r):.1f}%" for r in pca["explained_variance_ratio"])
+            lines.append(f"PCA plane of {len((pca.get('coords') or {}).get('alpha') or []) - 1} checkpoints: the "
+                         f"axes explain {shares} of the trajectory's variance (the path is drawn on the contour).")
         lines.extend(_axis_curvatures(ls, meta))
         if meta.get("barrier") is not None and _fin(meta.get("barrier")):
             lines.append(f"Interpolation barrier (max loss above the straight line): {fmt_num(meta['barrier'])}.")
@@ -428,7 +440,7 @@ def _settings(man: dict) -> list[tuple[str, str]]:
     cur = man.get("curvature") or man.get("landscape_options") or {}
     keep = ("operator", "method", "objective", "per", "trace_scopes", "density_scopes", "top_k", "bottom_k", "tol", "n_products",
             "n_probes", "n_steps", "lr", "switched_to_eval", "sdpa_math", "n_examples", "n_target_tokens",
-            "n_batches", "world_size", "kind", "dims", "steps", "span", "norm", "from_curvature", "to")
+            "n_batches", "world_size", "kind", "dims", "steps", "span", "norm", "from_curvature", "to", "trajectory")
     out = []
     for k in keep:
         if k in cur:
