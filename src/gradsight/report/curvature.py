@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .html import (
+    FigureRegistry,
     KIND_ORDER,
     PALETTE,
     _atomic_write,
@@ -28,7 +29,6 @@ from .html import (
     _order,
     _ptext,
     _read_table,
-    _script_json,
     _str_cols,
     _Subplots,
     _figure,
@@ -451,17 +451,10 @@ def _settings(man: dict) -> list[tuple[str, str]]:
 
 
 def build_curvature_context(data: CurvatureData) -> dict:
-    from markupsafe import Markup
-
     man = data.manifest
     model = man.get("model") or {}
-    figures: list[dict] = []
-
-    def fig(fid: str, f: dict | None) -> str | None:
-        if f is None:
-            return None
-        figures.append({"id": f"fig-{fid}", "json": Markup(_script_json(f))})
-        return f"fig-{fid}"
+    registry = FigureRegistry()
+    fig = registry.add
 
     land = [{"title": x["title"], "id": fig(f"land-{i}", x["fig"])} for i, x in enumerate(landscape_figures(data))]
     cur = man.get("curvature") or {}
@@ -487,7 +480,7 @@ def build_curvature_context(data: CurvatureData) -> dict:
         "landscape_figs": land,
         "landscape_objective": (man.get("landscape") or {}).get("objective") or "the run's objective",
         "landscape_kind": (man.get("landscape") or {}).get("kind"),
-        "figures": figures,
+        "figures": registry.items,
     }
 
 

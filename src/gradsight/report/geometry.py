@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .html import (
+    FigureRegistry,
     KIND_ORDER,
     PALETTE,
     _atomic_write,
@@ -38,7 +39,6 @@ from .html import (
     _order,
     _ptext,
     _read_table,
-    _script_json,
     _slug,
     _str_cols,
     _Subplots,
@@ -991,17 +991,10 @@ def geometry_config(manifest: dict) -> list[tuple[str, str]]:
 
 
 def build_geometry_context(data: GeometryData) -> dict:
-    from markupsafe import Markup
-
     man = data.manifest
     model = man.get("model") or {}
-    figures: list[dict] = []
-
-    def fig(fid: str, f: dict | None) -> str | None:
-        if f is None:
-            return None
-        figures.append({"id": f"fig-{fid}", "json": Markup(_script_json(f))})
-        return f"fig-{fid}"
+    registry = FigureRegistry()
+    fig = registry.add
 
     scatter, n_shown, n_total = entanglement_scatter(data)
     ex = _tbl(data, "examples")
@@ -1050,7 +1043,7 @@ def build_geometry_context(data: GeometryData) -> dict:
         "noise": noise_rows(data),
         "fig_noise": fig("noise", noise_figure(data)),
         "scores": score_tables(data),
-        "figures": figures,
+        "figures": registry.items,
     }
     return ctx
 

@@ -1068,6 +1068,22 @@ def _plotly_js_version() -> str:
     return m.group(1) if m else "?"
 
 
+class FigureRegistry:
+    """Figures of one page: `add(fid, figure)` embeds it (script-safe JSON) under the element id "fig-{fid}"
+    and returns that id, or None for a missing figure; `items` goes to the template's figure loop."""
+
+    def __init__(self):
+        self.items: list[dict] = []
+
+    def add(self, fid: str, fig: dict | None) -> str | None:
+        from markupsafe import Markup
+
+        if fig is None:
+            return None
+        self.items.append({"id": f"fig-{fid}", "json": Markup(_script_json(fig))})
+        return f"fig-{fid}"
+
+
 def run_context(man: dict, run_dir: Path) -> dict:
     """The template fields every report shares: run, model and data identity, versions, configuration, and
     the inlined plotly.js with its page-wide template and config."""
