@@ -6,9 +6,10 @@ order, writes its own shards, and rank 0 merges and reports after a barrier. glo
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Sequence, TypeVar
+from typing import Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -65,6 +66,16 @@ def shard(items: Sequence[T], info: DistInfo) -> list[T]:
 def finalize(info: DistInfo) -> None:
     if info.initialized_here and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session() -> Iterator[DistInfo]:
+    """`init()` for the duration of a run; the process group it created is destroyed afterwards, even on error."""
+    info = init()
+    try:
+        yield info
+    finally:
+        finalize(info)
 
 
 def pick_device(spec: str, info: DistInfo) -> torch.device:

@@ -198,12 +198,9 @@ def run_geometry(cfg: GeometryConfig, out: str | Path, *, progress: bool = True,
 
     Args: as `pipeline.run_layers`; `cfg` is a GeometryConfig.
     """
-    info = dist_.init()
     out = Path(out)
-    try:
+    with dist_.session() as info:
         return _run(cfg, out, info, progress, report, model, tokenizer, records, log)
-    finally:
-        dist_.finalize(info)
 
 
 def _run(cfg: GeometryConfig, out: Path, info, progress, report, model, tokenizer, records, log):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -156,12 +156,9 @@ def run_layers(cfg: LayersConfig, out: str | Path, *, progress: bool = True, rep
         model, tokenizer: an already loaded model/tokenizer (Python API); default: load cfg.model.
         records: data as a list of dicts or a datasets.Dataset instead of cfg.data.
     """
-    info = dist_.init()
     out = Path(out)
-    try:
+    with dist_.session() as info:
         return _run(cfg, out, info, progress, report, model, tokenizer, records, log)
-    finally:
-        dist_.finalize(info)
 
 
 @dataclass

@@ -514,12 +514,9 @@ def run_curvature(cfg: CurvatureConfig, out: str | Path, model: Any = None, toke
         records: data as a list of dicts or a datasets.Dataset instead of cfg.data.
         progress: progress bar (rank 0). report: write report.html.
     """
-    info = dist_.init()
     out = Path(out)
-    try:
+    with dist_.session() as info:
         return _run_lm(cfg, out, info, model, tokenizer, records, progress, report, log)
-    finally:
-        dist_.finalize(info)
 
 
 def _run_lm(cfg, out, info, model, tokenizer, records, progress, report, log) -> CurvatureResult:
@@ -666,9 +663,8 @@ def curvature_of(model: nn.Module, loss_fn, batches, out: str | Path, *, blocks=
         per, operator, method, top_k, ...: as CurvatureConfig.
         name: the model's name in the manifest and report (default: its class name).
     """
-    info = dist_.init()
     out = Path(out)
-    try:
+    with dist_.session() as info:
         t0 = time.perf_counter()
         batches, dtype = _module_inputs(model, batches, "curvature")
         cfg = CurvatureConfig(model=type(model).__name__, data="<in-memory>", dtype=dtype, operator=operator,
@@ -699,8 +695,6 @@ def curvature_of(model: nn.Module, loss_fn, batches, out: str | Path, *, blocks=
         finally:
             model.train(was)
         return _finish(cfg, out, info, store, scopes, op_info, {"n_batches_total": len(batches)}, t0, report)
-    finally:
-        dist_.finalize(info)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -750,12 +744,9 @@ def run_landscape(cfg: LandscapeConfig, out: str | Path, model: Any = None, toke
     directions seeded by (seed, seed + 1); "hessian": the top-2 eigenvectors stored by a curvature run
     (`from_curvature`, same model); "interpolate": (1 - t) theta + t theta_to for every parameter.
     """
-    info = dist_.init()
     out = Path(out)
-    try:
+    with dist_.session() as info:
         return _run_landscape(cfg, out, info, model, tokenizer, records, progress, report, log)
-    finally:
-        dist_.finalize(info)
 
 
 def _hessian_axes(model: nn.Module, run, dims: int, manifest: dict) -> list:
@@ -812,9 +803,8 @@ def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: s
     from .. import landscape as ls
     from ..config import LandscapeConfig
 
-    info = dist_.init()
     out = Path(out)
-    try:
+    with dist_.session() as info:
         t0 = time.perf_counter()
         batches, dtype = _module_inputs(model, batches, "landscape")
         ls.check_batch_points(batch_points)  # before the run directory is created
@@ -896,8 +886,6 @@ def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: s
                 render_html(out)
         dist_.barrier(info)
         return LandscapeRunResult(out, frame, meta)
-    finally:
-        dist_.finalize(info)
 
 
 def _chunks_resumable(out: Path, info, n: int, size: int, evaluate, progress: bool,
