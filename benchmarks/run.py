@@ -236,8 +236,8 @@ def workload_records(n_examples: int, cycle: int | None = None) -> list[dict]:
 
 
 def load_workload(n_examples: int, cycle: int | None = None, max_batch: int = 64) -> Workload:
-    from gradsight.data import EncodeOptions, collate, encode, load_records, make_batches
-    from gradsight.models import load_model, select_layers
+    from gradsight.inputs.data import EncodeOptions, collate, encode, load_records, make_batches
+    from gradsight.inputs.models import load_model, select_layers
 
     t0 = time.perf_counter()
     model, tok = load_model(MODEL)
@@ -280,7 +280,7 @@ def plain_hf(w: Workload) -> Callable[[], None]:
 
 def plain_own_loss(w: Workload) -> Callable[[], None]:
     """Plain forward+backward with gradsight's loss (per-example token means, LM head only at targets)."""
-    from gradsight.losses import causal_lm_losses
+    from gradsight.inputs.losses import causal_lm_losses
 
     def run():
         for batch in w.batches:
@@ -293,7 +293,7 @@ def plain_own_loss(w: Workload) -> Callable[[], None]:
 def gradsight_batch(w: Workload, b: int) -> dict:
     """batch_layer_stats on batch b: capture + six statistics on every selected layer."""
     from gradsight.config import LayersConfig
-    from gradsight.losses import loss_fn_for
+    from gradsight.inputs.losses import loss_fn_for
     from gradsight.pipeline import batch_layer_stats
 
     _, stats, bad = batch_layer_stats(w.model, w.layers, w.batches[b], loss_fn_for(w.model), LayersConfig())
@@ -308,7 +308,7 @@ def gradsight_all(w: Workload) -> Callable[[], list[dict]]:
 def gradsight_capture_only(w: Workload) -> Callable[[], None]:
     """For the breakdown: capture (forward + backward with hooks, factors collected) without statistics."""
     from gradsight.capture import capture
-    from gradsight.losses import loss_fn_for
+    from gradsight.inputs.losses import loss_fn_for
 
     loss_fn = loss_fn_for(w.model)
 
@@ -329,8 +329,8 @@ def reference_examples(w: Workload, b: int, positions: list[int]) -> dict[int, d
     anyway); holding 210 full weight gradients of a whole batch would need ~7 GB.
     """
     from gradsight.capture.loop import loop_grads
-    from gradsight.losses import causal_lm_losses
-    from gradsight.stats.spectra import spectral_stats
+    from gradsight.inputs.losses import causal_lm_losses
+    from gradsight.measures.spectra import spectral_stats
 
     out = {}
     for e in positions:
@@ -457,8 +457,8 @@ def case_model(args, w: Workload) -> tuple[list[Row], dict]:
 
 def case_synthetic(args) -> tuple[list[Row], dict]:
     """One layer, one example: Gram route (float64) vs materialised G^T A (float32) + svdvals."""
-    from gradsight.capture.base import FactoredGrad
-    from gradsight.stats.spectra import spectral_stats
+    from gradsight.capture.grads import FactoredGrad
+    from gradsight.measures.spectra import spectral_stats
 
     rows, raw = [], {}
     d = args.synth_d
@@ -579,7 +579,7 @@ GEOM_MEM_MAX_BATCH = 8  # case 4c: same batch composition for every n (full batc
 
 
 def geometry_projector():
-    from gradsight.features import ProjectionSpec, Projector
+    from gradsight.measures.projection import ProjectionSpec, Projector
 
     return Projector(ProjectionSpec(r_in=GEOM_R, r_out=GEOM_R))
 
@@ -670,7 +670,7 @@ def naive_loop(w: Workload, b: int, keep: list[str], positions: list[int] | None
     loss `causal_lm_losses`). The `.grad` of each of the 210 weights is the materialised per-example gradient
     (cloned by loop_grads); the flattened gradients of the `keep` layers are returned, {layer: (k, numel)}."""
     from gradsight.capture.loop import loop_grads
-    from gradsight.losses import causal_lm_losses
+    from gradsight.inputs.losses import causal_lm_losses
 
     batch = w.batches[b]
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in keep}
@@ -740,7 +740,7 @@ def estimator_check(grads: dict[str, torch.Tensor], dense: dict[str, torch.Tenso
 
 
 def case_geometry(args, w: Workload) -> tuple[list[Row], dict]:
-    from gradsight.losses import loss_fn_for
+    from gradsight.inputs.losses import loss_fn_for
 
     rows: list[Row] = []
     raw: dict = {}
@@ -933,7 +933,7 @@ def geometry_memory_child(n: int, cycle: int, max_batch: int) -> None:
     """Subprocess: load, reset the peak, stream the feature loop over n examples into a list of CPU tensors."""
     import resource
 
-    from gradsight.losses import loss_fn_for
+    from gradsight.inputs.losses import loss_fn_for
 
     w = load_workload(n, cycle=cycle, max_batch=max_batch)
     proj = geometry_projector()
@@ -974,7 +974,7 @@ def geometry_pipeline_child(n: int, cycle: int, max_batch: int) -> None:
     import gradsight.geometry as geo
     from gradsight.config import GeometryConfig
     from gradsight.geometry import run_geometry
-    from gradsight.models import load_model
+    from gradsight.inputs.models import load_model
 
     trace: list[dict] = []
 

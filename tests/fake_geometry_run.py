@@ -3,7 +3,7 @@
 `make_fake_geometry_run` draws random per-unit gradient features with label- and depth-dependent mean
 directions, forms the Gram matrix of every scope (layer, block, kind, model; a sum of the per-layer Grams)
 and writes the geometry tables. Group cosines, cosine distributions, coherence, term alignment,
-entanglement and PSR/NSR come from ``gradsight.stats.geometry`` (so the tables have the real columns and
+entanglement and PSR/NSR come from ``gradsight.stats.cosines`` (so the tables have the real columns and
 NaN conventions); G-Vendi, the noise scale and the per-unit scores are computed here in plain numpy.
 
 The run holds: plain-loss units in every group (the last group has ONE, so its CIs are NaN with a note),
@@ -22,7 +22,7 @@ import pandas as pd
 
 from fake_run import EVIL, EVIL_ID, _layer_name
 
-from gradsight.stats import geometry as geo
+from gradsight.stats import cosines as geo
 
 GROUPS = ["direct", "detailed <cot> & [long]", "solo", "group_3", "group_4"]
 KINDS = ("q", "v", "down")

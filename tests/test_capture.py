@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from gradsight.capture import capture, loop_grads
-from gradsight.capture.base import CaptureError, FactoredGrad
-from gradsight.models import select_layers
-from gradsight.stats.spectra import METRICS, batch_spectra, spectral_stats
+from gradsight.capture.grads import CaptureError, FactoredGrad
+from gradsight.inputs.models import select_layers
+from gradsight.measures.spectra import METRICS, batch_spectra, spectral_stats
 
 from zoo import PROBLEMS, make_batch, mixed_examples
 
@@ -162,7 +162,7 @@ def test_projection_equals_dense():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_per_example_loss_equals_hf_loss(arch):
     """The gathered-head loss equals the full-logits path and HF's own loss on each example alone."""
-    from gradsight.losses import causal_lm_losses
+    from gradsight.inputs.losses import causal_lm_losses
 
     factory, _ = PROBLEMS[arch]
     model = factory()

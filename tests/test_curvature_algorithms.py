@@ -258,12 +258,12 @@ def test_slq_recovers_few_distinct_eigenvalues_and_density_integrates_to_one():
 def test_slq_bounded_memory(monkeypatch):
     seen = []
 
-    class SpyBasis(density_mod._Basis):
+    class SpyBasis(density_mod.Basis):
         def push(self, v):
             super().push(v)
             seen.append((len(self), self.V.shape[0]))  # vectors held, rows allocated
 
-    monkeypatch.setattr(density_mod, "_Basis", SpyBasis)
+    monkeypatch.setattr(density_mod, "Basis", SpyBasis)
     g = torch.Generator().manual_seed(0)
     lam = torch.cat([torch.tensor([20.0, 15.0, -10.0]), torch.randn(397, generator=g, dtype=F64)])
     A = sym(lam, seed=5)
@@ -343,7 +343,7 @@ def test_nonfinite_product_raises(algo):
 def test_bulk_outliers_finds_separated_top_eigenvalues():
     # 3 outliers (10, 7, 5) over a bulk in [0, 0.1]: the median of the SLQ measure sits in the bulk and the
     # largest log-gap of the top-8 eigenvalues' distance to it is between 5 and the bulk's largest value
-    from gradsight.curvature.density import bulk_outliers, measure_quantile, outlier_split
+    from gradsight.curvature.criteria import bulk_outliers, measure_quantile, outlier_split
 
     g = torch.Generator().manual_seed(0)
     d = torch.cat([torch.tensor([10.0, 7.0, 5.0], dtype=F64), torch.rand(997, generator=g, dtype=F64) * 0.1])

@@ -21,9 +21,9 @@ from gradsight.cli import main as cli_main
 from gradsight.config import CurvatureConfig, LandscapeConfig
 from gradsight.curvature import HessianOperator, causal_lm_forward
 from gradsight.curvature.pipeline import curvature_of, load_eigenvectors, run_curvature, run_landscape
-from gradsight.data import EncodeOptions, collate, encode, load_records
-from gradsight.models import ModelError
-from gradsight.store import RunMismatchError
+from gradsight.inputs.data import EncodeOptions, collate, encode, load_records
+from gradsight.inputs.models import ModelError
+from gradsight.runs.store import RunMismatchError
 
 from helpers import tiny_tokenizer
 
@@ -375,7 +375,7 @@ def test_trace_scopes_and_bulk_outliers_in_the_criteria(tmp_path):
     cr = r.tables["spectral_criteria"].set_index("scope").loc["model"]
     ev = r.tables["eigenvalues"]
     tops = ev[(ev["scope"] == "model") & (ev["which"] == "top")]["eigenvalue"].to_numpy()
-    from gradsight.curvature.density import outlier_split
+    from gradsight.curvature.criteria import outlier_split
 
     want = outlier_split(tops, cr["bulk_ref"])
     assert cr["n_outliers"] == want["n_outliers"] and cr["bulk_edge"] == pytest.approx(want["bulk_edge"])

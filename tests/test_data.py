@@ -1,4 +1,4 @@
-"""gradsight.data: loading and validation, encoding with response-only masks, truncation, batching, padding."""
+"""gradsight.inputs.data: loading and validation, encoding with response-only masks, truncation, batching, padding."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from helpers import tiny_base_tokenizer, tiny_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradsight.data import (
+from gradsight.inputs.data import (
     DataError,
     Encoded,
     EncodeOptions,

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 from helpers import tiny_tokenizer
 
-from gradsight.data import EncodeOptions, encode, load_records
+from gradsight.inputs.data import EncodeOptions, encode, load_records
 from gradsight.demo.problems import GROUPS, demo_records, write_demo_jsonl
 
 STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")

@@ -9,7 +9,7 @@ import torch
 import sklearn  # noqa: F401  (a dependency: the digits data ship with it)
 
 from gradsight.curvature import HessianOperator  # noqa: E402
-from gradsight.curvature.density import outlier_split  # noqa: E402
+from gradsight.curvature.criteria import outlier_split  # noqa: E402
 from gradsight.demo.digits import digits_spectrum, train_digits_mlp  # noqa: E402
 
 HIDDEN = 16  # 1,482 parameters: the dense Hessian (1,482 products) takes a few seconds

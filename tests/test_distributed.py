@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from gradsight.store import read_layer_stats
+from gradsight.runs.store import read_layer_stats
 
 
 def _env():

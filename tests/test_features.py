@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from gradsight.capture import capture
-from gradsight.capture.base import DenseGrad, FactoredGrad
-from gradsight.features import ExactGramAccumulator, ProjectionSpec, Projector
-from gradsight.models import select_layers
+from gradsight.capture.grads import DenseGrad, FactoredGrad
+from gradsight.inputs.models import select_layers
+from gradsight.measures.projection import ExactGramAccumulator, ProjectionSpec, Projector
 
 from zoo import PROBLEMS, make_batch, mixed_examples
 
@@ -109,7 +109,7 @@ def test_exact_gram_accumulator_across_batches_on_tiny_llama():
 def test_feature_shards_roundtrip_and_orphans_removed(tmp_path):
     import pandas as pd
 
-    from gradsight.store import EXAMPLE_COLUMNS, RunStore, read_features
+    from gradsight.runs.store import EXAMPLE_COLUMNS, RunStore, read_features
 
     st = RunStore(tmp_path / "run")
     st.open({"x": 1}, {})

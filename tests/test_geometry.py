@@ -1,4 +1,4 @@
-"""Tests of gradsight.stats.geometry: every number against a dense reference built from explicit vectors."""
+"""Tests of gradsight.stats.cosines: every number against a dense reference built from explicit vectors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from gradsight.stats import geometry as G
-from gradsight.stats.compare import _rng
+from gradsight.stats import cosines as G
+from gradsight.stats.resample import rng as _rng
 
 
 # ----------------------------------------------------------------------------------------------------

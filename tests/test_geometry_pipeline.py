@@ -15,16 +15,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gradsight import store
 from gradsight.config import GeometryConfig, SummaryOptions
-from gradsight.data import DataError, EncodeOptions, collate, encode, load_records
 from gradsight.demo.problems import demo_records, geometry_records
-from gradsight.features import Projector
 from gradsight.geometry import (MODEL_KEY, _scope_tables, expand_units, run_geometry, select,
                                 summarize_geometry, unit_labels)
-from gradsight.losses import loss_fn_for
-from gradsight.models import select_layers
-from gradsight.store import RunMismatchError, read_examples, read_features
+from gradsight.inputs.data import DataError, EncodeOptions, collate, encode, load_records
+from gradsight.inputs.losses import loss_fn_for
+from gradsight.inputs.models import select_layers
+from gradsight.measures.projection import Projector
+from gradsight.runs import store
+from gradsight.runs.store import RunMismatchError, read_examples, read_features
 
 from helpers import tiny_model, tiny_tokenizer
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from gradsight.curvature.criteria import spectral_criteria
 from gradsight.landscape import (
     BatchLoss,
     gradient_direction,
@@ -18,7 +19,6 @@ from gradsight.landscape import (
     random_direction,
     recompute_bn_stats,
     slice_1d,
-    spectral_criteria,
     target_direction,
 )
 
@@ -229,7 +229,7 @@ def test_vectorised_grid_equals_sequential():
 
 @pytest.mark.parametrize("faster", ["vmap", "sequential"])
 def test_auto_batch_points_keeps_the_faster_path_and_the_values(monkeypatch, faster):
-    import gradsight.landscape as L
+    import gradsight.landscape.evaluate as L
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)

@@ -5,9 +5,9 @@ import math
 import torch
 from hypothesis import given, settings, strategies as st
 
-from gradsight import linalg
-from gradsight.capture.base import FactoredGrad
-from gradsight.stats.spectra import spectral_stats
+from gradsight.capture import linalg
+from gradsight.capture.grads import FactoredGrad
+from gradsight.measures.spectra import spectral_stats
 
 
 @st.composite

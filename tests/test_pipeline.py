@@ -13,11 +13,12 @@ import pytest
 import torch
 
 import gradsight
-from gradsight import pipeline, store
+from gradsight import pipeline
 from gradsight.config import LayersConfig
-from gradsight.data import DataError, EncodeOptions
 from gradsight.demo.problems import demo_records
-from gradsight.store import RunMismatchError, read_layer_stats
+from gradsight.inputs.data import DataError, EncodeOptions
+from gradsight.runs import store
+from gradsight.runs.store import RunMismatchError, read_layer_stats
 
 from helpers import tiny_tokenizer, tiny_model as _tiny_model
 
@@ -141,7 +142,7 @@ def test_non_finite_gradient_is_flagged_and_counted(tmp_path, monkeypatch):
     tok = tiny_tokenizer()
     model = _tiny_model()
     recs = demo_records(n_problems=3)
-    from gradsight import losses as L
+    from gradsight.inputs import losses as L
 
     def poisoned(reduction):
         def fn(m, b):

@@ -7,12 +7,12 @@ import torch
 
 from gradsight.capture import loop_grads
 from gradsight.config import LayersConfig
-from gradsight.data import EncodeOptions, collate, encode, load_records
 from gradsight.demo.problems import demo_records
-from gradsight.losses import causal_lm_losses
-from gradsight.models import load_model, select_layers
+from gradsight.inputs.data import EncodeOptions, collate, encode, load_records
+from gradsight.inputs.losses import causal_lm_losses
+from gradsight.inputs.models import load_model, select_layers
+from gradsight.measures.spectra import spectral_stats
 from gradsight.pipeline import batch_layer_stats
-from gradsight.stats.spectra import spectral_stats
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import torch
 from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM)
 
-from gradsight.losses import causal_lm_losses, masked_lm_losses
+from gradsight.inputs.losses import causal_lm_losses, masked_lm_losses
 
 VOCAB = 97
 

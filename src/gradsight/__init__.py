@@ -22,11 +22,12 @@ import importlib
 _EXPORTS = {
     "capture": ".capture", "loop_grads": ".capture", "FactoredGrad": ".capture", "DenseGrad": ".capture",
     "LayersConfig": ".config", "SummaryOptions": ".config", "GeometryConfig": ".config",
-    "ProjectionSpec": ".features", "Projector": ".features",
+    "ProjectionSpec": ".measures.projection", "Projector": ".measures.projection",
     "run_geometry": ".geometry", "summarize_geometry": ".geometry", "select": ".geometry",
-    "DataError": ".data", "EncodeOptions": ".data", "load_records": ".data",
-    "ModelError": ".models", "list_layers": ".models", "load_model": ".models", "select_layers": ".models",
-    "batch_spectra": ".stats.spectra", "spectral_stats": ".stats.spectra",
+    "DataError": ".inputs.data", "EncodeOptions": ".inputs.data", "load_records": ".inputs.data",
+    "ModelError": ".inputs.models", "list_layers": ".inputs.models", "load_model": ".inputs.models",
+    "select_layers": ".inputs.models",
+    "batch_spectra": ".measures.spectra", "spectral_stats": ".measures.spectra",
 }
 
 
@@ -79,7 +80,7 @@ def _analyze(analysis, data, out, model, progress, report, options):
     from dataclasses import fields
 
     from .config import GeometryConfig, LayersConfig, SummaryOptions
-    from .data import EncodeOptions
+    from .inputs.data import EncodeOptions
     from .geometry import run_geometry
     from .pipeline import run_layers
 
@@ -104,7 +105,7 @@ def open_run(path):
     from pathlib import Path
 
     from .pipeline import LayersResult
-    from .store import read_examples
+    from .runs.store import read_examples
 
     p = Path(path)
     summ = p / "summary.parquet"

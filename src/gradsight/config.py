@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-from .data import EncodeOptions
+from .inputs.data import EncodeOptions
 
 __all__ = ["LayersConfig", "GeometryConfig", "CurvatureConfig", "LandscapeConfig", "SummaryOptions", "semantic_dict",
            "config_hash"]
@@ -159,7 +159,7 @@ class GeometryConfig(LayersConfig):
             raise ValueError(f"q must be >= 0, got {self.q}")
 
     def projection(self):
-        from .features import ProjectionSpec
+        from .measures.projection import ProjectionSpec
 
         return ProjectionSpec(r_in=self.r_in, r_out=self.r_out, r_dense=self.r_dense, kind=self.proj_kind,
                               seed=self.seed)

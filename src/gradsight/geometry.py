@@ -1,11 +1,11 @@
 """The `geometry` analysis end to end: loss terms -> capture -> features -> run store -> geometry tables.
 
 Every record expands into one or more UNITS, a unit being one loss term of one record (a plain response, a
-preference-pair side, a rewarded rollout, or a named term; see `gradsight.data`). Each unit is one sequence
+preference-pair side, a rewarded rollout, or a named term; see `gradsight.inputs.data`). Each unit is one sequence
 whose per-example gradient is captured in the usual single batched forward/backward, then
 
-* projected per layer to seeded Kronecker features (``features.Projector``) and, through a second seeded
-  projection of all layers together, to a whole-model feature of size ``r_model`` -- stored as safetensors
+* projected per layer to seeded Kronecker features (``measures.projection.Projector``) and, through a second
+  seeded projection of all layers together, to a whole-model feature of size ``r_model`` -- stored as safetensors
   shards next to the examples shards (a killed run resumes; the projection seeds are in the manifest);
 * optionally summarised by its spectra (``layer_stats`` shards, as in `layers`), and always by its exact
   squared gradient norm;
@@ -33,17 +33,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import distributed as dist_
 from .capture import capture
 from .config import GeometryConfig
-from .data import Encoded, Record, collate, encode, make_batches
-from .features import ExactGramAccumulator, Projector
-from .losses import loss_fn_for
-from .models import LayerInfo
+from .inputs.data import Encoded, Record, collate, encode, make_batches
+from .inputs.losses import loss_fn_for
+from .inputs.models import LayerInfo
+from .measures.projection import ExactGramAccumulator, Projector
+from .measures.spectra import batch_spectra
 from .pipeline import _progress, _stats_frame, finish, prepare
-from .stats.spectra import batch_spectra
-from .store import (read_examples, read_features, read_layer_stats, read_manifest, write_parquet,
-                    write_safetensors)
+from .runs import distributed as dist_
+from .runs.store import (read_examples, read_features, read_layer_stats, read_manifest, write_parquet,
+                         write_safetensors)
 
 __all__ = ["Unit", "expand_units", "unit_labels", "run_geometry", "summarize_geometry", "GeometryResult",
            "MODEL_KEY"]
@@ -298,7 +298,7 @@ def _run(cfg: GeometryConfig, out: Path, info, progress, report, model, tokenize
 # ----------------------------------------------------------------------------------------------------------
 # statistics from the store
 
-from .stats import geometry as geo  # noqa: E402  (after the runner: the runner does not need it)
+from .stats import cosines as geo  # noqa: E402  (after the runner: the runner does not need it)
 from .stats.diversity import GVendiAccumulator, marginal_contributions  # noqa: E402
 from .stats.noise import noise_scale_ci, per_layer_noise  # noqa: E402
 

@@ -15,15 +15,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import distributed as dist_
 from .capture import capture
 from .config import LayersConfig, config_hash, semantic_dict
-from .data import DataError, Encoded, Record, collate, encode, fingerprint, load_records, make_batches
-from .losses import loss_fn_for
-from .models import LayerInfo, load_model, model_fingerprint, select_layers
+from .inputs.data import DataError, Encoded, Record, collate, encode, fingerprint, load_records, make_batches
+from .inputs.losses import loss_fn_for
+from .inputs.models import LayerInfo, load_model, model_fingerprint, select_layers
+from .measures.spectra import METRICS, batch_spectra
+from .runs import distributed as dist_
+from .runs.store import RunStore, read_examples, read_layer_stats, read_manifest, versions, write_parquet
 from .stats.compare import summarize
-from .stats.spectra import METRICS, batch_spectra
-from .store import RunStore, read_examples, read_layer_stats, read_manifest, versions, write_parquet
 
 __all__ = ["run_layers", "summarize_run", "LayersResult", "batch_layer_stats"]
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-from .base import DenseGrad
+from .grads import DenseGrad
 
 __all__ = ["dense_from_calls", "per_example_param_grads"]
 

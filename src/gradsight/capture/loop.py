@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from .base import DenseGrad
+from .grads import DenseGrad
 
 __all__ = ["loop_grads"]
 

@@ -13,10 +13,10 @@ err_console = Console(stderr=True)
 
 @contextlib.contextmanager
 def friendly_errors():
-    from ..capture.base import CaptureError
-    from ..data import DataError
-    from ..models import ModelError
-    from ..store import RunMismatchError
+    from ..capture.grads import CaptureError
+    from ..inputs.data import DataError
+    from ..inputs.models import ModelError
+    from ..runs.store import RunMismatchError
 
     try:
         yield

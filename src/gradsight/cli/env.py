@@ -13,8 +13,8 @@ def env():
 
     import torch
 
-    from ..models import PACKAGED
-    from ..store import versions
+    from ..inputs.models import PACKAGED
+    from ..runs.store import versions
 
     for k, v in versions().items():
         typer.echo(f"{k:14s} {v}")

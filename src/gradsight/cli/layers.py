@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..config import LayersConfig, SummaryOptions
-from ..data import EncodeOptions
+from ..inputs.data import EncodeOptions
 from ._common import split_csv
 
 _H = {f: LayersConfig.__dataclass_fields__[f].metadata["help"] for f in LayersConfig.__dataclass_fields__}

@@ -21,7 +21,7 @@ def report(
     from ..config import LayersConfig
     from ..pipeline import summarize_run
     from ..report import print_summary, render_html
-    from ..store import read_manifest
+    from ..runs.store import read_manifest
 
     manifest = read_manifest(run)
     analysis = manifest.get("analysis", "layers")

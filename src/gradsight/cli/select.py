@@ -22,7 +22,7 @@ def select(
 ):
     """Write the chosen example ids (record id, plus :term for multi-term records)."""
     from ..geometry import select as select_units
-    from ..store import atomic_write_text, write_parquet
+    from ..runs.store import atomic_write_text, write_parquet
     from ._common import split_csv
 
     df = select_units(run, budget, by=by, ascending=ascending, labels=list(split_csv(labels)) or None,

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .lanczos import _Basis, _check_positive_int, _Counted, _generator, _LanczosProcess, _tridiag_eigh
+from .lanczos import Basis, Counted, LanczosProcess, check_positive_int, generator, tridiag_eigh
 
-__all__ = ["SLQResult", "slq", "measure_quantile", "outlier_split", "bulk_outliers"]
+__all__ = ["SLQResult", "slq"]
 
 
 @dataclass(frozen=True)
@@ -150,24 +150,24 @@ def slq(
         tensor([ 1.0000, 50.5000], dtype=torch.float64)
         >>> grid, phi = r.density()
     """
-    op = _Counted(A, dim, dtype, device)
-    n_probes = _check_positive_int("n_probes", n_probes)
-    m = min(_check_positive_int("n_steps", n_steps), op.dim)
+    op = Counted(A, dim, dtype, device)
+    n_probes = check_positive_int("n_probes", n_probes)
+    m = min(check_positive_int("n_steps", n_steps), op.dim)
     if max_vectors is not None:
-        max_vectors = _check_positive_int("max_vectors", max_vectors, minimum=2)
+        max_vectors = check_positive_int("max_vectors", max_vectors, minimum=2)
     if distribution not in ("rademacher", "gaussian"):
         raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
     capacity = None if max_vectors is None or max_vectors >= m else max_vectors
-    gen = _generator(seed)
+    gen = generator(seed)
     nodes, weights, peak = [], [], 0
     for _ in range(n_probes):
-        basis = _Basis(op.dim, op.dtype, op.device, capacity=capacity, initial=m)
-        proc = _LanczosProcess(op, op.probe(gen, distribution), basis, gen)
+        basis = Basis(op.dim, op.dtype, op.device, capacity=capacity, initial=m)
+        proc = LanczosProcess(op, op.probe(gen, distribution), basis, gen)
         for j in range(m):
             proc.step()
             if j < m - 1:
                 proc.advance()
-        tau, S = _tridiag_eigh(proc.alpha, proc.beta)  # (m,), (m, m)
+        tau, S = tridiag_eigh(proc.alpha, proc.beta)  # (m,), (m, m)
         nodes.append(tau)
         weights.append(S[0] ** 2)
         peak = max(peak, basis.peak)
@@ -181,71 +181,3 @@ def slq(
         peak_vectors=peak,
         distribution=distribution,
     )
-
-
-# ---------------------------------------------------------------------------------- bulk and outliers
-
-
-def measure_quantile(result: SLQResult, q: float) -> float:
-    """The q-quantile of the probe-averaged SLQ spectral measure (weights / n_probes: total mass 1)."""
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"quantile must be in [0, 1], got {q}")
-    x = result.nodes.reshape(-1).numpy()
-    w = (result.weights / result.weights.shape[0]).reshape(-1).numpy()
-    o = np.argsort(x, kind="stable")
-    cdf = np.cumsum(w[o])
-    return float(x[o][min(int(np.searchsorted(cdf, q * cdf[-1])), len(x) - 1)])
-
-
-def outlier_split(eigenvalues, bulk_ref: float) -> dict:
-    """Split the top eigenvalues into outliers and bulk at the largest log-gap of their distance to the bulk.
-
-    Keeping the eigenvalues l_1 >= ... >= l_k above the bulk reference b, the outliers are l_1..l_n with
-
-        n = argmax_{1 <= i <= k-1} log((l_i - b) / (l_{i+1} - b)),
-
-    the split with the largest ratio of consecutive distances to the bulk (scale-free: multiplying the
-    operator by a constant changes nothing). The bulk edge is l_{n+1}, the largest eigenvalue left in the bulk.
-    The rule always finds 1 <= n <= k-1: `saturated` (n = k-1) says the split sits at the end of the computed
-    range (compute more eigenvalues), and `gap_margin` (largest log-gap minus the second largest) says how
-    pronounced it is (near 0: a smooth decay, no real separation).
-
-    Args:
-        eigenvalues: top-k eigenvalues (any order; sorted descending here).
-        bulk_ref: the bulk reference b (`bulk_outliers` uses the median of the SLQ measure).
-
-    Returns:
-        dict: n_outliers (k' if fewer than 2 of the eigenvalues exceed b), bulk_edge (b if none does),
-        log_gaps (split i = 1..k'-1), saturated, gap_margin.
-    """
-    lam = np.sort(np.asarray(eigenvalues, dtype=np.float64))[::-1]
-    lam = lam[lam > bulk_ref]
-    k = len(lam)
-    if k < 2:
-        return {"n_outliers": k, "bulk_edge": float(bulk_ref), "log_gaps": [], "saturated": k == 1,
-                "gap_margin": 0.0}
-    dist = lam - bulk_ref  # (k,) > 0
-    gaps = np.log(dist[:-1] / dist[1:])  # (k - 1,)
-    n = int(np.argmax(gaps)) + 1
-    second = float(np.sort(gaps)[-2]) if k > 2 else 0.0
-    return {"n_outliers": n, "bulk_edge": float(lam[n]), "log_gaps": gaps.tolist(), "saturated": n == k - 1,
-            "gap_margin": float(gaps[n - 1]) - second}
-
-
-def bulk_outliers(result: SLQResult, top_eigenvalues, bulk_quantile: float = 0.5) -> dict:
-    """Outliers of the top eigenvalues against the bulk seen by SLQ (the rule of `outlier_split`).
-
-    The bulk reference b is the `bulk_quantile` quantile of the SLQ measure (default the median: the centre
-    of the bulk, close to zero for a trained network). An upper quantile such as 0.99 would put b among the
-    top eigenvalues of a small network (1% of 3,000 parameters is 30 eigenvalues) and distort the gaps.
-
-    Returns:
-        `outlier_split`'s dict plus bulk_ref, bulk_quantile and mass_above_edge (the fraction of the SLQ
-        measure above the bulk edge; times dim, a density-side cross-check of the count).
-    """
-    b = measure_quantile(result, bulk_quantile)
-    split = outlier_split(top_eigenvalues, b)
-    x = result.nodes.reshape(-1).numpy()
-    w = (result.weights / result.weights.shape[0]).reshape(-1).numpy()
-    return {**split, "bulk_ref": b, "bulk_quantile": float(bulk_quantile),
-            "mass_above_edge": float(w[x > split["bulk_edge"]].sum())}

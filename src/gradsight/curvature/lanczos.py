@@ -57,7 +57,7 @@ class NonFiniteProductError(FloatingPointError):
 # shared plumbing (also used by trace.py and density.py)
 
 
-class _Counted:
+class Counted:
     """The operator as the algorithms see it: a checked, counted product on flat (dim,) vectors.
 
     Accepts a callable or an object with `.matvec` (and `.dim`, `.dtype`, `.device`); explicit arguments
@@ -127,17 +127,17 @@ class _Counted:
         raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
 
 
-def _generator(seed: int) -> torch.Generator:
+def generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int(seed))
 
 
-def _check_positive_int(name: str, x, minimum: int = 1) -> int:
+def check_positive_int(name: str, x, minimum: int = 1) -> int:
     if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {x!r}")
     return int(x)
 
 
-class _Basis:
+class Basis:
     """Stored Lanczos vectors, as rows of one buffer that grows by doubling (or a ring of fixed capacity).
 
     With `capacity=None` every vector is kept (full re-orthogonalisation). With a capacity, at most that many
@@ -184,7 +184,7 @@ class _Basis:
         return w
 
 
-def _tridiag_eigh(alpha: list[float], beta: list[float]) -> tuple[np.ndarray, np.ndarray]:
+def tridiag_eigh(alpha: list[float], beta: list[float]) -> tuple[np.ndarray, np.ndarray]:
     """Eigen-decomposition of the symmetric tridiagonal T (diagonal alpha, off-diagonal beta), float64, ascending."""
     d = np.asarray(alpha, dtype=np.float64)
     e = np.asarray(beta[: len(alpha) - 1], dtype=np.float64)
@@ -199,7 +199,7 @@ def _tridiag_eigh(alpha: list[float], beta: list[float]) -> tuple[np.ndarray, np
         return np.linalg.eigh(T)
 
 
-class _LanczosProcess:
+class LanczosProcess:
     """Lanczos three-term recurrence with (full or windowed) re-orthogonalisation and restart on breakdown.
 
     After `step()` number j (1-based) the process holds alpha_1..alpha_j, beta_1..beta_j, where beta_j couples
@@ -207,7 +207,7 @@ class _LanczosProcess:
     orthogonal to the stored ones and T is block diagonal).
     """
 
-    def __init__(self, op: _Counted, v0: torch.Tensor, basis: _Basis, gen: torch.Generator):
+    def __init__(self, op: Counted, v0: torch.Tensor, basis: Basis, gen: torch.Generator):
         self.op, self.basis, self.gen = op, basis, gen
         self.alpha: list[float] = []
         self.beta: list[float] = []
@@ -341,32 +341,32 @@ def lanczos(
         >>> [round(x, 6) for x in r.eigenvalues.tolist()]   # [max, min]
         [5.0, -7.0]
     """
-    op = _Counted(A, dim, dtype, device)
+    op = Counted(A, dim, dtype, device)
     n = op.dim
     if which not in ("top", "bottom", "magnitude", "both"):
         raise ValueError(f"which must be 'top', 'bottom', 'magnitude' or 'both', got {which!r}")
-    k = _check_positive_int("k", k)
+    k = check_positive_int("k", k)
     n_wanted = 2 * k if which == "both" else k
     if n_wanted > n:
         raise ValueError(f"k={k} eigenpairs ({which}) requested but dim={n}")
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a positive finite number, got {tol!r}")
-    m_max = min(n, max(300, 20 * k)) if max_iter is None else _check_positive_int("max_iter", max_iter)
+    m_max = min(n, max(300, 20 * k)) if max_iter is None else check_positive_int("max_iter", max_iter)
     m_max = min(max(m_max, n_wanted), n)
-    gen = _generator(seed)
+    gen = generator(seed)
     if v0 is None:
         v0 = op.gaussian(gen)
     else:
         v0 = v0.reshape(-1).to(dtype=op.dtype, device=op.device)
         if v0.numel() != n:
             raise ValueError(f"v0 has {v0.numel()} entries, expected dim={n}")
-    proc = _LanczosProcess(op, v0, _Basis(n, op.dtype, op.device), gen)
+    proc = LanczosProcess(op, v0, Basis(n, op.dtype, op.device), gen)
     floor_rel = math.sqrt(torch.finfo(op.dtype).eps)
 
     while True:
         proc.step()
         j = len(proc.alpha)
-        theta, S = _tridiag_eigh(proc.alpha, proc.beta)  # ascending; S: (j, j)
+        theta, S = tridiag_eigh(proc.alpha, proc.beta)  # ascending; S: (j, j)
         idx = _wanted(theta, which, k)
         res = proc.beta[-1] * np.abs(S[-1, idx])
         scale = max(proc.scale, float(np.max(np.abs(theta))))
@@ -454,15 +454,15 @@ def power_iteration(
         >>> power_iteration(lambda v: A @ v, dim=4, k=2, tol=1e-10, max_iter=500, dtype=A.dtype).eigenvalues
         tensor([-7.0000,  5.0000], dtype=torch.float64)
     """
-    op = _Counted(A, dim, dtype, device)
+    op = Counted(A, dim, dtype, device)
     n = op.dim
-    k = _check_positive_int("k", k)
+    k = check_positive_int("k", k)
     if k > n:
         raise ValueError(f"k={k} eigenpairs requested but dim={n}")
-    max_iter = _check_positive_int("max_iter", max_iter)
+    max_iter = check_positive_int("max_iter", max_iter)
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a positive finite number, got {tol!r}")
-    gen = _generator(seed)
+    gen = generator(seed)
 
     def normalization(x: torch.Tensor) -> torch.Tensor:
         return x / (float(torch.linalg.vector_norm(x)) + 1e-6)

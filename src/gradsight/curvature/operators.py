@@ -94,7 +94,7 @@ def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"cross_entropy": _cross_entropy, "mse": _mse}
 
 
-def _resolve_loss(loss) -> Callable[[Tensor, Tensor], Tensor]:
+def resolve_loss(loss) -> Callable[[Tensor, Tensor], Tensor]:
     if callable(loss):
         return loss
     if loss in LOSSES:
@@ -128,24 +128,24 @@ def causal_lm_forward(model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Te
 
     `batch` holds input_ids (B, T), attention_mask (B, T) and optionally target_mask (B, T) (True at the
     supervised target tokens; default: attention_mask). Position j-1 predicts token j, so position 0 is never
-    a target (same gathering as `gradsight.losses.causal_lm_losses`). Rows are tokens: with the operators'
+    a target (same gathering as `gradsight.inputs.losses.causal_lm_losses`). Rows are tokens: with the operators'
     row normalisation, the objective is the token-mean over all supervised tokens of the data set.
     """
-    from ..losses import _plain_head, _upcast
+    from ..inputs.losses import plain_head, upcast
 
     batch = _to(batch, _device_of(model))
     ids, att = batch["input_ids"], batch["attention_mask"]
     tgt = batch.get("target_mask", att).bool()
     rows, cols = tgt[:, 1:].nonzero(as_tuple=True)  # position cols predicts token cols + 1
     labels = ids[:, 1:][rows, cols]  # (N,)
-    plain = _plain_head(model)
+    plain = plain_head(model)
     if plain is not None:  # lm_head only at the N predicting positions
         base, head = plain
         h = base(input_ids=ids, attention_mask=att).last_hidden_state  # (B, T, d)
         logits = head(h[rows, cols])  # (N, V)
     else:
         logits = model(input_ids=ids, attention_mask=att).logits[:, :-1][rows, cols]  # (N, V)
-    return _upcast(logits), labels
+    return upcast(logits), labels
 
 
 def select_params(model: nn.Module, pattern: str | None = None,
@@ -402,7 +402,7 @@ class HessianOperator(CurvatureOperator):
         if method not in ("double_backward", "forward_over_reverse"):
             raise ValueError(f"unknown method {method!r}; expected 'double_backward' or 'forward_over_reverse'")
         super().__init__(model, batches, params, forward_fn, weight_fn)
-        self.loss_fn = _resolve_loss(loss_fn)
+        self.loss_fn = resolve_loss(loss_fn)
         self.method = method
 
     @property

@@ -62,13 +62,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .. import distributed as dist_
 from ..config import CurvatureConfig, LandscapeConfig, config_hash
-from ..store import RunStore, read_manifest, versions, write_parquet, write_safetensors
-from .density import bulk_outliers, slq
+from ..runs import distributed as dist_
+from ..runs.store import RunStore, read_manifest, versions, write_parquet, write_safetensors
+from .criteria import bulk_outliers
+from .density import slq
 from .lanczos import lanczos, stability
-from .operators import (FisherOperator, GGNOperator, HessianOperator, _resolve_loss, causal_lm_forward,
-                        default_forward)
+from .operators import (FisherOperator, GGNOperator, HessianOperator, causal_lm_forward, default_forward,
+                        resolve_loss)
 from .trace import hutchpp
 
 __all__ = ["Scope", "CurvatureResult", "run_curvature", "curvature_of", "lm_scopes", "module_scopes",
@@ -142,7 +143,7 @@ def lm_scopes(layers, per: Sequence[str], param_names: Sequence[str]) -> list[Sc
     for li in info:
         w = f"{li['name']}.weight"
         if w not in have:
-            from ..models import ModelError
+            from ..inputs.models import ModelError
 
             raise ModelError(f"layer {li['name']!r} has no trainable weight parameter; exclude it (--exclude)")
         weight[li["name"]] = w
@@ -239,7 +240,7 @@ def _operator(cfg: CurvatureConfig, model, loss, batches, params, forward_fn):
 
 def _scope_tables(cfg: CurvatureConfig, op, scope: Scope, density: bool, want_vectors: bool, trace: bool = True):
     """Eigenvalues, trace, density and criteria of one operator: ({table: DataFrame}, eigenvectors or None)."""
-    from ..landscape import spectral_criteria
+    from .criteria import spectral_criteria
 
     base = {**scope.row(), "n_params": int(op.dim)}
     kt, kb = min(cfg.top_k, op.dim), min(cfg.bottom_k, op.dim)
@@ -462,7 +463,7 @@ def summarize_curvature(run: Path | str, lr: float | None = None, scopes: Sequen
 
 def _lm_batches(cfg, recs, tokenizer, info, device) -> tuple[list[dict], dict]:
     """This rank's fixed batches and counts of the whole data set."""
-    from ..data import collate, encode, make_batches
+    from ..inputs.data import collate, encode, make_batches
 
     encoded = [encode(r, tokenizer, cfg.encode) for r in sorted(recs, key=lambda r: r.idx)]
     ok = [e for e in encoded if e.ok and e.n_target > 0]
@@ -835,7 +836,7 @@ def landscape_of(model: nn.Module, loss_fn, batches, out: str | Path, *, kind: s
         if man.get("finished") and (out / "landscape.parquet").exists():
             log(f"{out}: finished landscape with the same configuration; nothing to do")
             return LandscapeRunResult(out, pd.read_parquet(out / "landscape.parquet"), man.get("landscape") or {})
-        loss = ls.BatchLoss(batches, _resolve_loss(loss_fn))
+        loss = ls.BatchLoss(batches, resolve_loss(loss_fn))
         bn = batches if recompute_bn else None
         extra_meta: dict = {}
         axis = np.linspace(-span, span, steps)
@@ -930,10 +931,10 @@ def _grid_resumable(out: Path, info, model, loss, ds, axis, dims: int, progress:
     Returns (frame alpha, beta, loss, finite; an object with .meta)."""
     from .. import landscape as ls
 
-    C = ls._coeffs(axis) if dims == 1 else ls._coeffs(axis, axis)
+    C = ls.coefficients(axis) if dims == 1 else ls.coefficients(axis, axis)
     losses, meta, resumed = _chunks_resumable(
         out, info, len(C), 1 if dims == 1 else len(axis),
-        lambda lo, hi: ls._evaluate(model, loss, ds, C[lo:hi], batch_points=1, recompute_bn=None), progress, log)
+        lambda lo, hi: ls.evaluate_points(model, loss, ds, C[lo:hi], batch_points=1, recompute_bn=None), progress, log)
     meta = {**meta, "n_points": len(C), "n_nonfinite": int(np.isnan(losses).sum()), "resumed_chunks": resumed,
             "kind": "slice_1d" if dims == 1 else "grid_2d",
             "directions": [dict(getattr(d, "meta", {})) for d in ds]}
@@ -952,7 +953,7 @@ def _interpolation_resumable(out: Path, info, model, loss, state_a, state_b, ts,
 
     losses, meta, resumed = _chunks_resumable(out, info, len(ts), 1, evaluate, progress, log)
     meta = {**meta, "n_points": len(ts), "n_nonfinite": int(np.isnan(losses).sum()), "resumed_chunks": resumed,
-            "barrier": ls._barrier(ts, losses)}
+            "barrier": ls.interpolation_barrier(ts, losses)}
     frame = pd.DataFrame({"alpha": ts, "beta": np.nan, "loss": losses, "finite": np.isfinite(losses)})
     return frame, types.SimpleNamespace(meta=meta)
 
@@ -1000,7 +1001,7 @@ def _lm_gradient_direction(model, batches, names: list[str], info):
 def _lm_pca_directions(cfg: LandscapeConfig, model, names: list[str]):
     """Top principal components of the checkpoints in cfg.trajectory around the model (selected weights)."""
     from .. import landscape as ls
-    from ..models import load_model
+    from ..inputs.models import load_model
 
     have = dict(model.named_parameters())
     traj = []
@@ -1042,7 +1043,7 @@ def _run_landscape(cfg: LandscapeConfig, out, info, model, tokenizer, records, p
     names = [n for n in dict.fromkeys(names) if n in have]
     axis = np.linspace(-cfg.span, cfg.span, cfg.steps)
     if cfg.kind == "interpolate":
-        from ..models import load_model
+        from ..inputs.models import load_model
 
         other, _ = load_model(cfg.to, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
         state_b = {k: v.to(su.device) for k, v in other.state_dict().items()}

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lanczos import _check_positive_int, _Counted, _generator
+from .lanczos import Counted, check_positive_int, generator
 
 __all__ = ["TraceEstimate", "hutchinson", "hutchpp"]
 
@@ -94,11 +94,11 @@ def hutchinson(
         >>> hutchinson(lambda v: A @ v, dim=100, n_probes=1, dtype=A.dtype).estimate   # exact for diagonal A
         5050.0
     """
-    op = _Counted(A, dim, dtype, device)
-    n_probes = _check_positive_int("n_probes", n_probes)
+    op = Counted(A, dim, dtype, device)
+    n_probes = check_positive_int("n_probes", n_probes)
     if tol is not None and not (math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a positive finite number or None, got {tol!r}")
-    gen = _generator(seed)
+    gen = generator(seed)
     samples: list[float] = []
     mean_prev = 0.0
     for _ in range(n_probes):
@@ -161,9 +161,9 @@ def hutchpp(
         >>> abs(t.estimate - float(lam.sum())) < 0.05        # tr = 1.640; Hutchinson's sd at 30 products: 0.28
         True
     """
-    op = _Counted(A, dim, dtype, device)
-    m = _check_positive_int("n_products", n_products, minimum=3)
-    gen = _generator(seed)
+    op = Counted(A, dim, dtype, device)
+    m = check_positive_int("n_products", n_products, minimum=3)
+    gen = generator(seed)
     s = min(m // 3, op.dim)
     n_g = 0 if s == op.dim else m - 2 * s
 

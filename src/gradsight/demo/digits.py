@@ -129,7 +129,7 @@ def digits_spectrum(model: nn.Module, X: Tensor, y: Tensor, *, k: int = 20, lanc
         n_above_edge_slq, outliers (the eigenvalues above the edge).
     """
     from ..curvature import HessianOperator
-    from ..curvature.density import bulk_outliers
+    from ..curvature.criteria import bulk_outliers
     from ..curvature.density import slq as run_slq
     from ..curvature.lanczos import lanczos
     from ..curvature.trace import hutchpp

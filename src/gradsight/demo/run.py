@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from ..config import GeometryConfig, LayersConfig, SummaryOptions
-from ..data import EncodeOptions
+from ..inputs.data import EncodeOptions
 from .problems import demo_records, geometry_records
 
 __all__ = ["demo_config", "run_demo", "run_geometry_demo", "run_curvature_demo"]

@@ -13,7 +13,7 @@ __all__ = ["render_html", "print_summary", "analysis_of"]
 
 
 def analysis_of(run_dir: Path | str) -> str:
-    from ..store import read_manifest
+    from ..runs.store import read_manifest
 
     return read_manifest(Path(run_dir)).get("analysis", "layers")
 

@@ -64,7 +64,7 @@ class CurvatureData:
 
 
 def load_curvature(run_dir: Path | str) -> CurvatureData:
-    from ..store import read_manifest
+    from ..runs.store import read_manifest
 
     run_dir = Path(run_dir)
     man = read_manifest(run_dir)

@@ -25,11 +25,12 @@ References:
 from __future__ import annotations
 
 import itertools
-import zlib
 from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+
+from gradsight.stats import resample
 
 __all__ = [
     "PAPER_SEGMENT_BOUNDS",
@@ -61,12 +62,6 @@ DEFAULT_TEST_METRICS = ("nuclear", "sigma1_ratio", "erank")
 
 # ----------------------------------------------------------------------------------------------------
 # small helpers
-
-
-def _rng(seed: int, *keys: object) -> np.random.Generator:
-    """A generator seeded from an integer seed and names (crc32, stable across runs and platforms)."""
-    entropy = [int(seed) & 0xFFFFFFFFFFFFFFFF] + [zlib.crc32(str(k).encode("utf-8")) for k in keys]
-    return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
 def _check_columns(df: pd.DataFrame, required: Iterable[str], name: str) -> None:
@@ -185,22 +180,13 @@ def _boot_means(M: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndar
         (c, n_boot) means of the resampled rows.
     """
     c, n = M.shape
-    draws = rng.integers(0, n, size=(n_boot, n))  # (n_boot, n) resampled positions
     # W[r, j] = how often position j is drawn in resample r; then mean_r = (M @ W[r]) / n
-    W = np.zeros((n_boot, n))
-    np.add.at(W, (np.repeat(np.arange(n_boot), n), draws.ravel()), 1.0)
+    W = resample.boot_weights(n, n_boot, rng)  # (n_boot, n)
     out = np.empty((c, n_boot))
     step = max(1, 2**22 // max(n_boot, 1))  # bound memory of the (chunk, n_boot) block
     for s in range(0, c, step):
         out[s:s + step] = M[s:s + step] @ W.T / n
     return out
-
-
-def _check_boot_args(n_boot: int, ci: float) -> None:
-    if int(n_boot) < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0 < ci < 1:
-        raise ValueError(f"ci must be in (0, 1), got {ci}")
 
 
 def bootstrap_ci(x: Sequence[float] | np.ndarray, n_boot: int = 1000, ci: float = 0.95,
@@ -219,7 +205,7 @@ def bootstrap_ci(x: Sequence[float] | np.ndarray, n_boot: int = 1000, ci: float 
     Returns:
         (lo, hi); (NaN, NaN) when fewer than 2 finite values.
     """
-    _check_boot_args(n_boot, ci)
+    resample.check_boot_args(n_boot, ci)
     v = np.asarray(x, dtype=np.float64).ravel()
     v = v[np.isfinite(v)]
     if v.size < 2:
@@ -288,7 +274,7 @@ def group_curves(layer_stats: pd.DataFrame, n_boot: int = 1000, ci: float = 0.95
     Reference: per-(layer, projection) example means as in Li, Li, Zhou, ACL 2025; Li et al. 2504.10766.
     """
     _check_columns(layer_stats, ("idx", "group", "block", "kind", "metric", "value"), "layer_stats")
-    _check_boot_args(n_boot, ci)
+    resample.check_boot_args(n_boot, ci)
     if len(layer_stats) == 0:
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(
             SUMMARY_COLUMNS, [object, object, "int64", object, float, float, "int64", float, float])})
@@ -329,7 +315,7 @@ def group_curves(layer_stats: pd.DataFrame, n_boot: int = 1000, ci: float = 0.95
         if n < 2:
             continue
         sd[cells] = M.std(axis=1, ddof=1)
-        rng = _rng(seed, "bootstrap", g_uni[cell_group[cells[0]]], n)
+        rng = resample.rng(seed, "bootstrap", g_uni[cell_group[cells[0]]], n)
         boots = _boot_means(M, int(n_boot), rng)  # (c, n_boot)
         q = np.quantile(boots, [alpha, 1.0 - alpha], axis=1)  # (2, c)
         lo[cells], hi[cells] = q[0], q[1]
@@ -618,7 +604,8 @@ def permutation_tests(layer_stats: pd.DataFrame, pairs: Sequence[tuple[str, str]
 
             key = (ga, gb, n_a, n_b)
             if key not in label_cache:
-                label_cache[key] = _label_matrix(n_a, n_b, n_perm, _rng(seed, "permutation", ga, gb, n_a, n_b))
+                label_cache[key] = _label_matrix(n_a, n_b, n_perm,
+                                                 resample.rng(seed, "permutation", ga, gb, n_a, n_b))
             Lab = label_cache[key]  # (n_perm, n)
             X = np.concatenate([Xa, Xb], axis=0)  # (n, B) pooled, a first
             S_a = Lab @ X  # (n_perm, B) sums of the relabelled 'a' group

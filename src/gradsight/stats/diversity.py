@@ -37,7 +37,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from gradsight.linalg import eigvalsh
+from gradsight.capture.linalg import eigvalsh
 
 __all__ = [
     "vendi_from_eigenvalues",

@@ -29,7 +29,7 @@ Conventions shared by every function here:
   of two copies of the same example are left out of a resample (a U-statistic bootstrap: with duplicates
   kept, self-pairs would add spurious cos = 1 terms). Intervals are percentile intervals. Randomness is
   seeded from ``seed`` plus the names involved (statistic, group / term names) through
-  ``compare._rng``, so results never depend on dict ordering, and every scope of ``geometry_table``
+  ``resample.rng``, so results never depend on dict ordering, and every scope of ``geometry_table``
   reuses the same resamples of a group (its CIs are coherent across layers).
 
 References:
@@ -49,7 +49,8 @@ from typing import Hashable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from gradsight.stats.compare import _rng, bootstrap_ci
+from gradsight.stats import resample
+from gradsight.stats.compare import bootstrap_ci
 
 __all__ = [
     "valid_examples",
@@ -102,14 +103,6 @@ def _labels(groups: Sequence, n: int, name: str = "groups") -> np.ndarray:
     return g
 
 
-def _check_boot(n_boot: int, ci: float) -> int:
-    if int(n_boot) < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0 < ci < 1:
-        raise ValueError(f"ci must be in (0, 1), got {ci}")
-    return int(n_boot)
-
-
 def valid_examples(K) -> np.ndarray:
     """Boolean mask of the examples that carry a direction.
 
@@ -135,14 +128,6 @@ def _cos_block(K: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     d = np.diag(K)
     C = K[np.ix_(rows, cols)] / np.sqrt(np.outer(d[rows], d[cols]))
     return np.clip(C, -1.0, 1.0)
-
-
-def _boot_weights(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_boot, n) multiplicities: W[r, i] = how often example i is drawn in resample r (n draws)."""
-    draws = rng.integers(0, n, size=(n_boot, n))
-    W = np.zeros((n_boot, n))
-    np.add.at(W, (np.repeat(np.arange(n_boot), n), draws.ravel()), 1.0)
-    return W
 
 
 def _pair_means_within(V: np.ndarray, W: np.ndarray) -> np.ndarray:
@@ -260,7 +245,7 @@ def cosine_distributions(K, groups: Sequence[str], *, n_boot: int = 1000, ci: fl
         ValueError: bad shapes, n_boot < 1 or ci outside (0, 1).
     """
     K = _as_gram(K)
-    n_boot = _check_boot(n_boot, ci)
+    n_boot = resample.check_boot_args(n_boot, ci)
     g = _labels(groups, K.shape[0])
     valid = valid_examples(K)
     names = sorted(set(g.tolist()))
@@ -286,13 +271,13 @@ def cosine_distributions(K, groups: Sequence[str], *, n_boot: int = 1000, ci: fl
         q05, med, q95 = np.quantile(vals, [0.05, 0.5, 0.95])
         rec.update(mean=float(vals.mean()), median=float(med), q05=float(q05), q95=float(q95),
                    conflict_rate=float((vals < 0).mean()))
-        rng = _rng(seed, "cosines", a, b)
+        rng = resample.rng(seed, "cosines", a, b)
         N = (C < 0).astype(np.float64)
         if a == b:
             C0 = C.copy()
             np.fill_diagonal(C0, 0.0)
             np.fill_diagonal(N, 0.0)
-            W = _boot_weights(ia.size, n_boot, rng)
+            W = resample.boot_weights(ia.size, n_boot, rng)
             bm, bc = _pair_means_within(C0, W), _pair_means_within(N, W)
         elif ia.size < 2 or ib.size < 2:
             small = [f"group {x!r} has {m} valid example(s)" for x, m in ((a, ia.size), (b, ib.size)) if m < 2]
@@ -300,8 +285,8 @@ def cosine_distributions(K, groups: Sequence[str], *, n_boot: int = 1000, ci: fl
             rows.append(rec)
             continue
         else:
-            Wa = _boot_weights(ia.size, n_boot, rng)
-            Wb = _boot_weights(ib.size, n_boot, rng)
+            Wa = resample.boot_weights(ia.size, n_boot, rng)
+            Wb = resample.boot_weights(ib.size, n_boot, rng)
             bm, bc = _pair_means_between(C, Wa, Wb), _pair_means_between(N, Wa, Wb)
         rec["mean_ci_lo"], rec["mean_ci_hi"] = _pct(bm, ci)
         rec["conflict_ci_lo"], rec["conflict_ci_hi"] = _pct(bc, ci)
@@ -382,7 +367,7 @@ def coherence_by_group(K, groups: Sequence[str], n_boot: int = 1000, seed: int =
         example).
     """
     K = _as_gram(K)
-    n_boot = _check_boot(n_boot, ci)
+    n_boot = resample.check_boot_args(n_boot, ci)
     g = _labels(groups, K.shape[0])
     valid = valid_examples(K)
     rows = []
@@ -400,7 +385,7 @@ def coherence_by_group(K, groups: Sequence[str], n_boot: int = 1000, seed: int =
             Kss = K[np.ix_(S, S)]
             K0 = Kss.copy()
             np.fill_diagonal(K0, 0.0)
-            W = _boot_weights(n, n_boot, _rng(seed, "coherence", name))
+            W = resample.boot_weights(n, n_boot, resample.rng(seed, "coherence", name))
             off = _pair_means_within(K0, W)  # mean inner product over distinct-example pairs
             sq = (W @ np.diag(Kss)) / W.sum(axis=1)  # mean squared norm of the resample
             boots = 1.0 / n + (n - 1.0) / n * off / sq
@@ -489,7 +474,7 @@ def term_alignment(K, terms: Sequence[str], example_ids: Sequence[Hashable], *, 
         ValueError: label lengths differ from R, or an (example, term) pair occurs twice.
     """
     K = _as_gram(K)
-    n_boot = _check_boot(n_boot, ci)
+    n_boot = resample.check_boot_args(n_boot, ci)
     R = K.shape[0]
     t = _labels(terms, R, "terms")
     ex = list(example_ids)
@@ -518,7 +503,7 @@ def term_alignment(K, terms: Sequence[str], example_ids: Sequence[Hashable], *, 
         if c.size:
             conf = (c < 0).astype(np.float64)
             rec.update(mean=float(c.mean()), median=float(np.median(c)), conflict_rate=float(conf.mean()))
-            rng = _rng(seed, "terms", t1, t2)
+            rng = resample.rng(seed, "terms", t1, t2)
             state = rng.bit_generator.state
             rec["ci_lo"], rec["ci_hi"] = bootstrap_ci(c, n_boot=n_boot, ci=ci, rng=rng)
             rng.bit_generator.state = state  # same resamples for the conflict rate
@@ -649,7 +634,7 @@ def entanglement_summary(df: pd.DataFrame, n_boot: int = 1000, ci: float = 0.95,
     ratio = ratio[np.isfinite(ratio)]
     out["mean_ratio"] = float(ratio.mean()) if ratio.size else _NAN
     out["ratio_ci_lo"], out["ratio_ci_hi"] = bootstrap_ci(ratio, n_boot=n_boot, ci=ci,
-                                                          rng=_rng(seed, "entanglement"))
+                                                          rng=resample.rng(seed, "entanglement"))
     out["median_ratio"] = float(np.median(ratio)) if ratio.size else _NAN
     cos = df["cos"].to_numpy(dtype=np.float64)
     cos = cos[np.isfinite(cos)]

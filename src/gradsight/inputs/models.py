@@ -23,7 +23,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .capture.base import is_conv1d, is_factorable
+from ..capture.hooks import is_conv1d, is_factorable
 
 __all__ = ["LayerInfo", "ModelError", "PACKAGED", "load_model", "list_layers", "select_layers",
            "model_fingerprint", "parse_blocks"]

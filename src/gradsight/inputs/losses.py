@@ -31,11 +31,11 @@ def _reduce(tok_loss: torch.Tensor, rows: torch.Tensor, B: int, reduction: str) 
     raise ValueError(f"unknown reduction {reduction!r}; expected 'mean' or 'sum'")
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _plain_head(model: nn.Module):
+def plain_head(model: nn.Module):
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) not in _PLAIN_HEAD:
         return None
@@ -64,14 +64,14 @@ def causal_lm_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], reduct
     pred = tgt[:, 1:]  # (B, T-1): position j-1 predicts target j
     rows, cols = pred.nonzero(as_tuple=True)
     labels = ids[:, 1:][rows, cols]
-    plain = _plain_head(model) if gather_head else None
+    plain = plain_head(model) if gather_head else None
     if plain is not None:
         base, head = plain
         h = base(input_ids=ids, attention_mask=att).last_hidden_state  # (B, T, d)
         logits = head(h[rows, cols])  # (N, V)
     else:
         logits = model(input_ids=ids, attention_mask=att).logits[:, :-1][rows, cols]  # (N, V)
-    tok = F.cross_entropy(_upcast(logits), labels, reduction="none")  # (N,)
+    tok = F.cross_entropy(upcast(logits), labels, reduction="none")  # (N,)
     return _reduce(tok, rows, B, reduction)
 
 
@@ -81,7 +81,7 @@ def masked_lm_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], reduct
     ids, att, tgt = batch["input_ids"], batch["attention_mask"], batch["target_mask"].bool()
     rows, cols = tgt.nonzero(as_tuple=True)
     logits = model(input_ids=ids, attention_mask=att).logits[rows, cols]
-    tok = F.cross_entropy(_upcast(logits), ids[rows, cols], reduction="none")
+    tok = F.cross_entropy(upcast(logits), ids[rows, cols], reduction="none")
     return _reduce(tok, rows, ids.shape[0], reduction)
 
 

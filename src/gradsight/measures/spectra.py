@@ -20,7 +20,7 @@ from typing import Mapping
 
 import torch
 
-from ..capture.base import DenseGrad, FactoredGrad
+from ..capture.grads import DenseGrad, FactoredGrad
 
 __all__ = ["METRICS", "spectral_stats", "batch_spectra"]
 
@@ -80,12 +80,12 @@ def batch_spectra(grads: Mapping[str, FactoredGrad | DenseGrad], route: str = "a
         L_a = None
         if isinstance(g, FactoredGrad) and route != "dense":
             T, d_in, d_out = g.A.shape[1], g.A.shape[-1], g.G.shape[-1]
-            from .. import linalg
+            from ..capture import linalg
 
             if route == "gram" or linalg.prefer_gram_route(T, d_in, d_out):
                 key = (g.A.data_ptr(), tuple(g.A.shape), g.A.stride())
                 if key not in factors:
-                    factors[key] = linalg._sym_sqrt_factor(g.K_a(), g.tokens)
+                    factors[key] = linalg.sym_sqrt_factor(g.K_a(), g.tokens)
                 L_a = factors[key]
                 s = g.singular_values(L_a=L_a, route="gram")
             else:

@@ -22,7 +22,7 @@ from typing import Mapping
 
 import torch
 
-from .capture.base import DenseGrad, FactoredGrad
+from ..capture.grads import DenseGrad, FactoredGrad
 
 __all__ = ["ProjectionSpec", "Projector", "exact_gram", "ExactGramAccumulator"]
 

@@ -78,7 +78,7 @@ def factored_inner(A1, G1, A2, G2) -> torch.Tensor:
     return (Ka * Kg).sum(dim=(-1, -2))
 
 
-def _sym_sqrt_factor(K: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+def sym_sqrt_factor(K: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
     """A factor L with L L^T = K for a batch of PSD matrices (B, T, T), float64.
 
     Cholesky where it succeeds (the common case: T <= d and distinct tokens), else the eigen square root
@@ -113,7 +113,7 @@ def factored_singular_values(A: torch.Tensor, G: torch.Tensor, tokens: torch.Ten
         (B, T) float64, descending; padded / rank-deficient entries are (numerically) zero.
     """
     if L_a is None:
-        L_a = _sym_sqrt_factor(gram(A), tokens)
+        L_a = sym_sqrt_factor(gram(A), tokens)
     K_g = gram(G) if K_g is None else K_g
     S = L_a.transpose(-1, -2) @ K_g @ L_a  # (B, T, T)
     S = 0.5 * (S + S.transpose(-1, -2))

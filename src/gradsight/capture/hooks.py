@@ -1,171 +1,22 @@
-"""Per-example gradient types and the capture() context manager.
+"""The capture() context manager: forward hooks that record per-layer inputs and output gradients.
 
-Capture decides HOW per-example gradients are obtained; statistics (stats/) only see the objects defined
-here. Two representations share one interface:
-
-- FactoredGrad: (A, G, tokens) for Linear-like layers; the per-example weight gradient is G_e^T A_e.
-- DenseGrad: materialised per-example gradients (B, *param_shape) from the torch.func backend or the
-  per-example-backward reference.
-
-Both offer sq_norms(), inner(other), singular_values(), project(...), materialize().
-Reduction convention: each example's gradient is the gradient of ITS OWN loss (token-mean over its
-supervised targets by default); the batch loss that is backpropagated is the SUM of per-example losses,
-so G at e's tokens is exactly dL_e/d(outputs).
+capture() installs the hooks and yields a Tape; after the backward, `tape.grads()` turns what was recorded
+into the per-example gradient types of `grads.py` (FactoredGrad for Linear-like layers, DenseGrad through
+the torch.func backend for any other module).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .. import linalg
+from . import func
+from .grads import CaptureError, DenseGrad, FactoredGrad
 
-__all__ = ["FactoredGrad", "DenseGrad", "Tape", "capture", "CaptureError"]
-
-
-class CaptureError(RuntimeError):
-    """Raised when a layer cannot be captured (unsupported call signature, missing backward...)."""
-
-
-@dataclass
-class FactoredGrad:
-    """Per-example gradients of a Linear-like weight as factors.
-
-    Attributes:
-        A: (B, T, d_in) layer inputs.
-        G: (B, T, d_out) gradients of the per-example losses w.r.t. the layer outputs.
-        tokens: (B, T) bool, True at real (non-padded) tokens.
-        transposed: True when the parameter is stored (d_in, d_out) (transformers' Conv1D).
-    """
-
-    A: torch.Tensor
-    G: torch.Tensor
-    tokens: torch.Tensor
-    transposed: bool = False
-    _cache: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def batch_size(self) -> int:
-        return self.A.shape[0]
-
-    @property
-    def param_shape(self) -> tuple[int, int]:
-        d_in, d_out = self.A.shape[-1], self.G.shape[-1]
-        return (d_in, d_out) if self.transposed else (d_out, d_in)
-
-    def _masked(self, X: torch.Tensor) -> torch.Tensor:
-        return X * self.tokens.unsqueeze(-1).to(X.dtype)
-
-    def K_a(self) -> torch.Tensor:
-        """(B, T, T) float64 Gram of the inputs, zero at padded tokens."""
-        if "K_a" not in self._cache:
-            m = self.tokens.unsqueeze(-1) & self.tokens.unsqueeze(-2)
-            self._cache["K_a"] = linalg.gram(self.A) * m
-        return self._cache["K_a"]
-
-    def K_g(self) -> torch.Tensor:
-        if "K_g" not in self._cache:
-            m = self.tokens.unsqueeze(-1) & self.tokens.unsqueeze(-2)
-            self._cache["K_g"] = linalg.gram(self.G) * m
-        return self._cache["K_g"]
-
-    def sq_norms(self) -> torch.Tensor:
-        """(B,) float64 squared Frobenius norms of the per-example gradients."""
-        return (self.K_a() * self.K_g()).sum(dim=(-1, -2))
-
-    def inner(self, other: "FactoredGrad") -> torch.Tensor:
-        """(B, B') float64 inner products between this batch's and other's per-example gradients."""
-        if other.transposed != self.transposed:
-            raise ValueError("inner(): both gradients must belong to layers of the same layout")
-        return linalg.factored_inner(self._masked(self.A), self._masked(self.G),
-                                     other._masked(other.A), other._masked(other.G))
-
-    def singular_values(self, L_a: torch.Tensor | None = None, route: str = "auto") -> torch.Tensor:
-        """(B, k) float64 singular values per example, descending (zero padded).
-
-        route: "gram" (T x T eigenproblem), "dense" (materialise + svdvals) or "auto" (cheaper one).
-        """
-        T, d_in, d_out = self.A.shape[1], self.A.shape[-1], self.G.shape[-1]
-        if route == "auto":
-            route = "gram" if linalg.prefer_gram_route(T, d_in, d_out) else "dense"
-        if route == "gram":
-            if L_a is None:
-                L_a = linalg._sym_sqrt_factor(self.K_a(), self.tokens)
-            return linalg.factored_singular_values(self.A, self.G, self.tokens, L_a=L_a, K_g=self.K_g())
-        if route == "dense":
-            return linalg.dense_singular_values(self.materialize(torch.float64))
-        raise ValueError(f"unknown route {route!r}; expected 'auto', 'gram' or 'dense'")
-
-    def project(self, P_in: torch.Tensor, P_out: torch.Tensor) -> torch.Tensor:
-        """(B, r_out, r_in) Kronecker projection P_out M_e P_in^T (M_e in (d_out, d_in) orientation)."""
-        return linalg.project_factored(self._masked(self.A), self._masked(self.G), P_in, P_out)
-
-    def materialize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """(B, *param_shape) per-example gradients."""
-        dtype = dtype or self.A.dtype
-        A, G = self._masked(self.A).to(dtype), self._masked(self.G).to(dtype)
-        M = G.transpose(-1, -2) @ A  # (B, d_out, d_in)
-        return M.transpose(-1, -2) if self.transposed else M
-
-    def zero_examples(self, rows: list[int]) -> None:
-        """Replace the factors of the given batch positions by zeros (e.g. non-finite ones, to be skipped)."""
-        if rows:
-            self.A, self.G = self.A.clone(), self.G.clone()
-            self.A[rows] = 0
-            self.G[rows] = 0
-            self._cache.clear()
-
-    def finite(self) -> torch.Tensor:
-        """(B,) bool: the example's factors are all finite."""
-        ok_a = torch.isfinite(self._masked(self.A)).flatten(1).all(1)
-        ok_g = torch.isfinite(self._masked(self.G)).flatten(1).all(1)
-        return ok_a & ok_g
-
-
-@dataclass
-class DenseGrad:
-    """Materialised per-example gradients g: (B, *param_shape)."""
-
-    g: torch.Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.g.shape[0]
-
-    @property
-    def param_shape(self) -> tuple[int, ...]:
-        return tuple(self.g.shape[1:])
-
-    def sq_norms(self) -> torch.Tensor:
-        return self.g.double().flatten(1).pow(2).sum(1)
-
-    def inner(self, other: "DenseGrad") -> torch.Tensor:
-        return self.g.double().flatten(1) @ other.g.double().flatten(1).T
-
-    def singular_values(self, L_a=None, route: str = "auto") -> torch.Tensor:
-        g = self.g.double()
-        if g.dim() == 2:  # vector parameter: a single singular value, its norm
-            return g.norm(dim=1, keepdim=True)
-        return torch.linalg.svdvals(g.flatten(2) if g.dim() > 3 else g)
-
-    def project(self, P: torch.Tensor) -> torch.Tensor:
-        """(B, r) dense projection P vec(g_e)."""
-        return self.g.flatten(1).to(P.dtype) @ P.T
-
-    def materialize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.g if dtype is None else self.g.to(dtype)
-
-    def zero_examples(self, rows: list[int]) -> None:
-        if rows:
-            self.g = self.g.clone()
-            self.g[rows] = 0
-
-    def finite(self) -> torch.Tensor:
-        return torch.isfinite(self.g).flatten(1).all(1)
+__all__ = ["Tape", "capture"]
 
 
 class Tape:
@@ -227,8 +78,6 @@ class Tape:
 
     def grads(self) -> dict[str, FactoredGrad | DenseGrad]:
         """Per-layer per-example gradients of the last backward."""
-        from . import func  # local import: func depends on this module
-
         out: dict[str, FactoredGrad | DenseGrad] = {}
         for name, module in self.layers.items():
             calls = self._calls(name)

@@ -1,0 +1,1 @@
+"""Inputs of an analysis: data records, models and their per-example losses."""

@@ -1,0 +1,1 @@
+"""Measures computed from per-example gradients: projections and spectra."""

@@ -1,0 +1,1 @@
+"""Running an analysis: the run store on disk and the distributed session."""
