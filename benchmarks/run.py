@@ -292,9 +292,9 @@ def plain_own_loss(w: Workload) -> Callable[[], None]:
 
 def gradsight_batch(w: Workload, b: int) -> dict:
     """batch_layer_stats on batch b: capture + six statistics on every selected layer."""
-    from gradsight.config import LayersConfig
+    from gradsight.analyses.layers import LayersConfig
+    from gradsight.analyses.layers.compute import batch_layer_stats
     from gradsight.inputs.losses import loss_fn_for
-    from gradsight.pipeline import batch_layer_stats
 
     _, stats, bad = batch_layer_stats(w.model, w.layers, w.batches[b], loss_fn_for(w.model), LayersConfig())
     assert not bad, bad
@@ -966,14 +966,14 @@ def geometry_pipeline_child(n: int, cycle: int, max_batch: int) -> None:
     """Subprocess: load, reset the peak, run the real `run_geometry` pipeline over n examples (model passed in,
     so that the RSS after loading can be read first; token_budget as in the other cases, `max_batch`; no report).
 
-    `gradsight.geometry.batch_units` and `summarize_geometry` are wrapped (in this process only) to record the
-    batch shape, VmRSS and VmHWM after every batch and around the summary."""
+    The geometry analysis' per-batch `compute` and its `summarize` are wrapped (in this process only) to record
+    the batch shape, VmRSS and VmHWM after every batch and around the summary."""
     import resource
     import tempfile
 
-    import gradsight.geometry as geo
-    from gradsight.config import GeometryConfig
-    from gradsight.geometry import run_geometry
+    import gradsight.analyses.geometry.compute as geo
+    import gradsight.analyses.geometry.summarize as geo_summary
+    from gradsight.analyses.geometry import GeometryConfig, run_geometry
     from gradsight.inputs.models import load_model
 
     trace: list[dict] = []
@@ -982,11 +982,13 @@ def geometry_pipeline_child(n: int, cycle: int, max_batch: int) -> None:
         trace.append({"event": event, **({"shape": shape} if shape else {}),
                       "rss_mb": _status_kb("VmRSS") // 1024, "hwm_mb": _status_kb("VmHWM") // 1024})
 
-    batch_units, summarize = geo.batch_units, geo.summarize_geometry
+    compute, summarize = geo.compute, geo_summary.summarize
 
-    def traced_batch_units(model, layers, batch, *a, **k):
-        out = batch_units(model, layers, batch, *a, **k)
-        mark("batch", list(batch["input_ids"].shape))
+    def traced_compute(plan, units):
+        out = compute(plan, units)
+        if units[0].ready:
+            encs = [u.payload[1] for u in units]
+            mark("batch", [len(encs), max(e.n_tokens for e in encs)])
         return out
 
     def traced_summarize(*a, **k):
@@ -995,7 +997,7 @@ def geometry_pipeline_child(n: int, cycle: int, max_batch: int) -> None:
         mark("after summary")
         return out
 
-    geo.batch_units, geo.summarize_geometry = traced_batch_units, traced_summarize
+    geo.compute, geo_summary.summarize = traced_compute, traced_summarize
 
     model, tok = load_model(MODEL)
     model.eval()
@@ -1078,7 +1080,7 @@ def geometry_memory(args, raw: dict) -> list[Row]:
     mode = args.geom_memory_mode
     if mode == "auto":
         try:
-            from gradsight.geometry import run_geometry  # noqa: F401
+            from gradsight.analyses.geometry import run_geometry  # noqa: F401
 
             mode = "pipeline"
         except ImportError:

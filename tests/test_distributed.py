@@ -58,7 +58,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, model_dir, data_file):
 
 
 def test_torchrun_geometry_equals_one_process(tmp_path, model_dir):
-    from test_geometry_pipeline import _write, mixed_records
+    from test_geometry_analysis import _write, mixed_records
 
     data = _write(tmp_path / "mixed.jsonl", mixed_records(2))
     common = ["geometry", "--model", str(model_dir), "--data", str(data), "--max-length", "256",

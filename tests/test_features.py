@@ -109,15 +109,15 @@ def test_exact_gram_accumulator_across_batches_on_tiny_llama():
 def test_feature_shards_roundtrip_and_orphans_removed(tmp_path):
     import pandas as pd
 
-    from gradsight.runs.store import EXAMPLE_COLUMNS, RunStore, read_features
+    from gradsight.runs.store import EXAMPLE_COLUMNS, Layout, RunStore, Tensors, read_features
 
-    st = RunStore(tmp_path / "run")
+    st = RunStore(tmp_path / "run", layout=Layout(tables=("features", "layer_stats", "examples")))
     st.open({"x": 1}, {})
     rows = lambda ids: pd.DataFrame([{c: (i if c == "idx" else "") for c in EXAMPLE_COLUMNS} for i in ids])  # noqa: E731
     f1 = {"a": torch.randn(2, 5), "b": torch.randn(2, 3)}
-    st.append_features([3, 1], f1)
-    st.append(rows([3, 1]), None)
-    st.append_features([7], {"a": torch.randn(1, 5), "b": torch.randn(1, 3)})  # killed before its examples rows
+    st.commit({"features": Tensors(f1, ids=[3, 1]), "examples": rows([3, 1])})
+    # killed before its examples rows: only the features shard of the next commit exists
+    st.write("features", st.next_key(), Tensors({"a": torch.randn(1, 5), "b": torch.randn(1, 3)}, ids=[7]))
     assert st.cleanup() == 1
     idx, feats = read_features(tmp_path / "run")
     assert idx.tolist() == [1, 3]

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gradsight.measures.moments import MomentAccumulator
 from gradsight.stats.noise import (
-    MomentAccumulator,
     gsnr,
     gvm_allocation,
     noise_scale,

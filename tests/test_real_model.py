@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from gradsight.capture import loop_grads
-from gradsight.config import LayersConfig
+from gradsight.analyses.layers import LayersConfig
+from gradsight.analyses.layers.compute import batch_layer_stats
 from gradsight.demo.problems import demo_records
 from gradsight.inputs.data import EncodeOptions, collate, encode, load_records
 from gradsight.inputs.losses import causal_lm_losses
 from gradsight.inputs.models import load_model, select_layers
 from gradsight.measures.spectra import spectral_stats
-from gradsight.pipeline import batch_layer_stats
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_run import EVIL, EVIL_ID, make_fake_run  # noqa: E402
 
 from gradsight.report import print_summary, render_html  # noqa: E402
-from gradsight.report import html as report_html  # noqa: E402
+from gradsight.analyses.layers import report as report_html  # noqa: E402
+from gradsight.report import kit  # noqa: E402
+from gradsight.runs import store as run_store  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -225,7 +227,7 @@ def test_user_text_is_escaped(page):
 
 
 def test_script_json_is_inert():
-    s = report_html._script_json({"t": "</script><!-- & \u2028 <b>", "n": float("nan")})
+    s = kit.script_json({"t": "</script><!-- & \u2028 <b>", "n": float("nan")})
     assert not set("<>&") & set(s)
     assert "\u2028" not in s
     assert json.loads(s) == {"t": "</script><!-- & \u2028 <b>", "n": None}
@@ -309,7 +311,7 @@ def test_out_path_and_atomic_replace(run, tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(report_html.os, "replace", boom)
+    monkeypatch.setattr(run_store.os, "replace", boom)
     with pytest.raises(OSError):
         render_html(run, out=target)
     assert target.read_text() == "old"

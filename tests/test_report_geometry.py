@@ -21,14 +21,12 @@ from fake_run import EVIL, EVIL_ID  # noqa: E402
 from test_report import (CHROMIUM, NEWPLOT, assert_drawn_without_injection, chromium_dom,  # noqa: E402
                          figures, parse, user_scripts)
 
-from gradsight.report import geometry as rg  # noqa: E402
-from gradsight.report.geometry import (  # noqa: E402
-    geometry_findings,
-    load_geometry,
-    print_geometry_summary,
-    render_geometry_html,
-)
-from gradsight.report.html import fmt_num  # noqa: E402
+from gradsight.analyses.geometry import figures as geometry_figures  # noqa: E402
+from gradsight.analyses.geometry import report as rg  # noqa: E402
+from gradsight.analyses.geometry.report import geometry_findings, load_geometry  # noqa: E402
+from gradsight.analyses.geometry.report import print_summary as print_geometry_summary  # noqa: E402
+from gradsight.analyses.geometry.report import render as render_geometry_html  # noqa: E402
+from gradsight.report.kit import fmt_num  # noqa: E402
 
 OPTIONAL_SECTIONS = {"terms": "terms", "entanglement": "entanglement", "psr": "psr", "scores": "scores"}
 
@@ -297,7 +295,7 @@ def test_nan_everywhere_renders(run, tmp_path):
 
 
 def test_scatter_is_subsampled(run, tmp_path, monkeypatch):
-    monkeypatch.setattr(rg, "MAX_SCATTER", 5)
+    monkeypatch.setattr(geometry_figures, "MAX_SCATTER", 5)
     data = load_geometry(run)
     fig, shown, total = rg.entanglement_scatter(data)
     assert shown == 5 and total == 8

@@ -54,7 +54,8 @@ class FactoredGrad:
         d_in, d_out = self.A.shape[-1], self.G.shape[-1]
         return (d_in, d_out) if self.transposed else (d_out, d_in)
 
-    def _masked(self, X: torch.Tensor) -> torch.Tensor:
+    def masked(self, X: torch.Tensor) -> torch.Tensor:
+        """X (A or G, (B, T, d)) with padding positions zeroed."""
         return X * self.tokens.unsqueeze(-1).to(X.dtype)
 
     def K_a(self) -> torch.Tensor:
@@ -78,8 +79,8 @@ class FactoredGrad:
         """(B, B') float64 inner products between this batch's and other's per-example gradients."""
         if other.transposed != self.transposed:
             raise ValueError("inner(): both gradients must belong to layers of the same layout")
-        return linalg.factored_inner(self._masked(self.A), self._masked(self.G),
-                                     other._masked(other.A), other._masked(other.G))
+        return linalg.factored_inner(self.masked(self.A), self.masked(self.G),
+                                     other.masked(other.A), other.masked(other.G))
 
     def singular_values(self, L_a: torch.Tensor | None = None, route: str = "auto") -> torch.Tensor:
         """(B, k) float64 singular values per example, descending (zero padded).
@@ -99,12 +100,12 @@ class FactoredGrad:
 
     def project(self, P_in: torch.Tensor, P_out: torch.Tensor) -> torch.Tensor:
         """(B, r_out, r_in) Kronecker projection P_out M_e P_in^T (M_e in (d_out, d_in) orientation)."""
-        return linalg.project_factored(self._masked(self.A), self._masked(self.G), P_in, P_out)
+        return linalg.project_factored(self.masked(self.A), self.masked(self.G), P_in, P_out)
 
     def materialize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(B, *param_shape) per-example gradients."""
         dtype = dtype or self.A.dtype
-        A, G = self._masked(self.A).to(dtype), self._masked(self.G).to(dtype)
+        A, G = self.masked(self.A).to(dtype), self.masked(self.G).to(dtype)
         M = G.transpose(-1, -2) @ A  # (B, d_out, d_in)
         return M.transpose(-1, -2) if self.transposed else M
 
@@ -118,8 +119,8 @@ class FactoredGrad:
 
     def finite(self) -> torch.Tensor:
         """(B,) bool: the example's factors are all finite."""
-        ok_a = torch.isfinite(self._masked(self.A)).flatten(1).all(1)
-        ok_g = torch.isfinite(self._masked(self.G)).flatten(1).all(1)
+        ok_a = torch.isfinite(self.masked(self.A)).flatten(1).all(1)
+        ok_g = torch.isfinite(self.masked(self.G)).flatten(1).all(1)
         return ok_a & ok_g
 
 

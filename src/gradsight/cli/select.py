@@ -21,9 +21,9 @@ def select(
                                             "with ranks and scores is written next to it"),
 ):
     """Write the chosen example ids (record id, plus :term for multi-term records)."""
-    from ..geometry import select as select_units
+    from ..analyses.geometry.select import select as select_units
     from ..runs.store import atomic_write_text, write_parquet
-    from ._common import split_csv
+    from .options import split_csv
 
     df = select_units(run, budget, by=by, ascending=ascending, labels=list(split_csv(labels)) or None,
                       diverse=diverse, pool=pool)

@@ -17,8 +17,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..config import GeometryConfig, LayersConfig, SummaryOptions
-from ..inputs.data import EncodeOptions
+from ..analyses.curvature import CurvatureConfig, curvature_of, run_curvature
+from ..analyses.geometry import GeometryConfig, run_geometry
+from ..analyses.landscape import landscape_of
+from ..analyses.layers import LayersConfig, run_layers
+from ..config import EncodeOptions, SummaryOptions
 from .problems import demo_records, geometry_records
 
 __all__ = ["demo_config", "run_demo", "run_geometry_demo", "run_curvature_demo"]
@@ -36,8 +39,6 @@ def demo_config(model: str = "smollm2-135m-instruct", **overrides) -> LayersConf
 def run_demo(out: str | Path = "runs/demo", n_problems: int = 60, model: str = "smollm2-135m-instruct",
              progress: bool = True, **overrides):
     """Run the demo analysis into `out` and write the report. Returns the LayersResult."""
-    from ..pipeline import run_layers
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = demo_config(model, data=f"builtin:demo-arithmetic-{n_problems}", **overrides)
     return run_layers(cfg, out, progress=progress, records=demo_records(n_problems=n_problems))
@@ -46,8 +47,6 @@ def run_demo(out: str | Path = "runs/demo", n_problems: int = 60, model: str = "
 def run_geometry_demo(out: str | Path = "runs/demo/geometry", n_problems: int = 30,
                       model: str = "smollm2-135m-instruct", progress: bool = True, **overrides):
     """The geometry part of the demo (8 loss terms per problem). Returns the GeometryResult."""
-    from ..geometry import run_geometry
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     base = dict(model=model, data=f"builtin:demo-geometry-{n_problems}", encode=EncodeOptions(max_length=512),
                 token_budget=2048, max_batch=32, target="slow")
@@ -67,8 +66,6 @@ def run_curvature_demo(out: str | Path = "runs/demo/curvature", lm_problems: int
     them): the top eigenvalue by Lanczos (residual tolerance 1e-2, so the eigenvalue is good to about 1e-4
     relative), without trace or density (each product costs about 3 plain forward+backward passes).
     """
-    from ..config import CurvatureConfig
-    from ..curvature.pipeline import curvature_of, landscape_of, run_curvature
     from .digits import load_digits_tensors, train_digits_mlp
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

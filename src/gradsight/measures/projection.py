@@ -23,8 +23,9 @@ from typing import Mapping
 import torch
 
 from ..capture.grads import DenseGrad, FactoredGrad
+from .base import Measure, stateless
 
-__all__ = ["ProjectionSpec", "Projector", "exact_gram", "ExactGramAccumulator"]
+__all__ = ["ProjectionSpec", "Projector", "exact_gram", "ExactGramAccumulator", "projection", "exact_grams"]
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,8 @@ class Projector:
             d_in, d_out = g.A.shape[-1], g.G.shape[-1]
             P_in = self.matrix(name, "in", self.spec.r_in, d_in, dev)
             P_out = self.matrix(name, "out", self.spec.r_out, d_out, dev)
-            A = g._masked(g.A).to(self.dtype)
-            G = g._masked(g.G).to(self.dtype)
+            A = g.masked(g.A).to(self.dtype)
+            G = g.masked(g.G).to(self.dtype)
             phi = (G @ P_out.T).transpose(-1, -2) @ (A @ P_in.T)  # (B, r_out, r_in)
             return phi.reshape(phi.shape[0], -1)
         P = self.matrix(name, "dense", self.spec.r_dense, g.g[0].numel(), dev)
@@ -135,3 +136,41 @@ class ExactGramAccumulator:
                 rows.append(torch.cat([exact_gram(bi[name], bj[name]) for bj in self.batches], dim=1))
             out[name] = torch.cat(rows, dim=0)
         return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# as measures (per-batch kernels over a captured step; see measures.base)
+
+
+def projection(projector: Projector, r_model: int | None = None, model_key: str = "__model__") -> Measure:
+    """Per-example gradient features: out = {layer: (B, D_layer)} and, with `r_model`, the whole-model feature
+    {model_key: (B, r_model)} = sum over layers of a second seeded projection of each layer's features
+    (detached, on the CPU)."""
+
+    def fn(step):
+        feats = projector.features(step.grads)
+        model = None
+        if r_model is not None:
+            for name, F in feats.items():
+                P = projector.matrix(name, "model", r_model, F.shape[1], F.device)
+                part = F @ P.T
+                model = part if model is None else model + part
+        out = {k: v.detach().cpu() for k, v in feats.items()}
+        if model is not None:
+            out[model_key] = model.detach().cpu()
+        return out
+
+    return stateless("features", fn)
+
+
+def exact_grams() -> Measure:
+    """Exact cross-example Grams over every step seen: finalize -> (ids, {layer: (n, n) float64}).
+
+    The steps must carry their example ids (`backward_step(..., ids=...)`)."""
+
+    def update(acc, step):
+        acc.add(step.grads, list(step.ids))
+        return acc, None
+
+    return Measure("exact_grams", init=ExactGramAccumulator, update=update,
+                   finalize=lambda acc: (list(acc.idx), acc.grams()))

@@ -16,13 +16,17 @@ All in float64. A zero gradient has undefined ratios: sigma1_ratio, erank and st
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
 
 import torch
 
 from ..capture.grads import DenseGrad, FactoredGrad
+from .base import Measure, stateless
 
-__all__ = ["METRICS", "spectral_stats", "batch_spectra"]
+__all__ = ["METRICS", "spectral_stats", "batch_spectra", "spectra", "sq_norms", "spectra_frame"]
 
 METRICS = ("frobenius", "nuclear", "spectral", "sigma1_ratio", "erank", "stable_rank")
 
@@ -94,3 +98,46 @@ def batch_spectra(grads: Mapping[str, FactoredGrad | DenseGrad], route: str = "a
             s = g.singular_values(route=route)
         out[name] = spectral_stats(s, erank_weights, rel_tol)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# as measures (per-batch kernels over a captured step; see measures.base)
+
+
+def spectra(route: str = "auto", erank_weights: str = "sv", rel_tol: float = 0.0) -> Measure:
+    """Per-example spectra of every captured layer: out = {layer: {metric: (B,)}} (see `batch_spectra`)."""
+    return stateless("spectra", lambda step: batch_spectra(step.grads, route=route, erank_weights=erank_weights,
+                                                           rel_tol=rel_tol))
+
+
+def sq_norms() -> Measure:
+    """Per-example squared gradient norms: out = {layer: (B,)} (Frobenius of G_e^T A_e, float64 for factors)."""
+    return stateless("sq_norms", lambda step: {name: g.sq_norms() for name, g in step.grads.items()})
+
+
+def spectra_frame(stats: Mapping[str, Mapping[str, torch.Tensor]], layers: Sequence, keep: Sequence[int],
+                  idx: Sequence[int], groups: Sequence[str]) -> pd.DataFrame:
+    """Long-format rows (idx, group, layer, block, kind, metric, value) of the kept batch positions.
+
+    Args:
+        stats: a `spectra` output. layers: LayerInfo of the captured layers (for block and kind).
+        keep: batch positions to keep (flagged examples left out). idx, groups: per batch position.
+    """
+    info = {li.name: li for li in layers}
+    parts = []
+    k = np.asarray(keep, dtype=np.int64)
+    n = len(keep)
+    idx_a = np.asarray(idx, dtype=np.int64)[k]
+    grp_a = np.asarray(groups, dtype=object)[k]
+    for name, per_metric in stats.items():
+        li = info[name]
+        for metric in METRICS:
+            if metric not in per_metric:
+                continue
+            vals = per_metric[metric].detach().cpu().numpy().astype(np.float64)[k]
+            parts.append(pd.DataFrame({"idx": idx_a, "group": grp_a, "layer": np.repeat(name, n),
+                                       "block": np.repeat(np.int64(li.block), n), "kind": np.repeat(li.kind, n),
+                                       "metric": np.repeat(metric, n), "value": vals}))
+    if not parts:
+        return pd.DataFrame(columns=["idx", "group", "layer", "block", "kind", "metric", "value"])
+    return pd.concat(parts, ignore_index=True)

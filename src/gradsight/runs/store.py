@@ -1,14 +1,17 @@
-"""The run directory: manifest, append-only parquet shards, atomic writes, resume, config guard.
+"""The run directory: manifest, shard tables, atomic writes, one resume rule, config guard.
 
-    RUN/manifest.json                     config, its hash, model fingerprint, data hash, versions, schema
-    RUN/layer_stats/r{rank}-{seq}.parquet per-example x layer x metric rows (append-only)
-    RUN/examples/r{rank}-{seq}.parquet    one row per finished (or skipped) example
-    RUN/examples.parquet, summary.parquet, mad.parquet, rd.parquet, tests.parquet, report.html
+    RUN/manifest.json      schema version, identity (analysis, semantic config, model fingerprint, data hash,
+                           the analysis' extra identity), config, versions, world size, analysis blocks
+    RUN/log.txt            progress lines, resume and finish messages
+    RUN/<shards>           per the analysis' `Layout`: e.g. examples/r{rank}-{seq:05d}.parquet,
+                           features/r{rank}-{seq:05d}.safetensors, scopes/{i:04d}.{table}.parquet
+    RUN/<table>.parquet    the final tables (written by the analysis' summarize)
 
-A shard pair is committed by writing layer_stats first and examples second, each atomically (temp file +
-os.replace). An example counts as done iff it has an examples row; layer_stats shards without their
-examples twin (a run killed between the two writes) are removed when the run resumes. So a killed run loses
-at most one flush, and a rerun produces exactly the tables of an uninterrupted run.
+One resume rule for every analysis: a commit writes its tables' shards in the layout's order and the marker
+table (the last) last, each atomically (temp file + os.replace). A unit is done iff its key is in a marker
+shard; shards of a commit without its marker (a run killed between two writes) are removed when the run
+resumes. So a killed run loses at most one commit, and a rerun produces exactly the tables of an
+uninterrupted run. Tensors are written as safetensors (never pickle); their unit ids go in "__idx__".
 """
 
 from __future__ import annotations
@@ -19,16 +22,18 @@ import os
 import platform
 import re
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pandas as pd
 
-__all__ = ["SCHEMA_VERSION", "RunStore", "RunMismatchError", "atomic_write_bytes", "atomic_write_text",
-           "write_parquet", "read_manifest", "read_layer_stats", "read_examples", "versions"]
+__all__ = ["SCHEMA_VERSION", "RunStore", "RunMismatchError", "Layout", "Tensors", "atomic_write_bytes",
+           "atomic_write_text", "write_parquet", "write_safetensors", "read_manifest", "read_layer_stats",
+           "read_examples", "read_features", "merge_shards", "concat_tables", "versions", "EXAMPLE_COLUMNS"]
 
-SCHEMA_VERSION = 1
-_SHARD_RE = re.compile(r"^r(\d+)-(\d+)\.parquet$")
+SCHEMA_VERSION = 2
+_RANK_KEY = re.compile(r"^r(\d+)-(\d+)$")
 
 EXAMPLE_COLUMNS = ["idx", "id", "group", "source", "status", "reason", "n_tokens", "n_target", "loss",
                    "prompt", "response"]
@@ -88,23 +93,80 @@ def write_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None
     atomic_write_bytes(Path(path), data)
 
 
-def read_features(run: Path, layers: list[str] | None = None):
-    """(idx (n,) int64, {layer: (n, D) tensor}) from all feature shards of a run, sorted by idx.
+@dataclass
+class Tensors:
+    """A tensor table of a commit: {name: (B, ...) tensor} for the units `ids` (None: not per unit)."""
 
-    Shards hold one tensor per layer (key = layer name) and "__idx__". Loaded with safetensors (no pickle).
-    """
+    tensors: dict[str, Any]
+    ids: list | None = None
+    metadata: dict[str, str] | None = None
+
+
+def concat_tables(parts: list) -> Any:
+    """One commit's table from the parts of several batches (DataFrames or Tensors)."""
+    if isinstance(parts[0], pd.DataFrame):
+        parts = [p for p in parts if not p.empty] or parts[:1]
+        return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
     import torch
-    from safetensors.torch import load_file
 
-    d = Path(run) / "features"
-    files = sorted(f for f in d.glob("r*-*.safetensors")) if d.exists() else []
-    if not files:
-        return torch.zeros(0, dtype=torch.int64), {}
-    parts = [load_file(str(f)) for f in files]
-    idx = torch.cat([p["__idx__"] for p in parts])
-    order = torch.argsort(idx)
-    names = layers or [k for k in parts[0] if k != "__idx__"]
-    return idx[order], {n: torch.cat([p[n] for p in parts])[order] for n in names}
+    keys = parts[0].tensors.keys()
+    ids = None if parts[0].ids is None else [i for p in parts for i in p.ids]
+    return Tensors({k: torch.cat([p.tensors[k] for p in parts]) for k in keys}, ids, parts[0].metadata)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where an analysis' shards go.
+
+    Attributes:
+        tables: the shard tables in commit order; the last is the done marker.
+        templates: table -> path template relative to the run ("{table}", "{key}"; "*" for the rest); the
+            suffix (.parquet or .safetensors) is added.
+        unit_column: the marker table's column holding the unit keys.
+    """
+
+    tables: tuple[str, ...] = ("layer_stats", "examples")
+    templates: Mapping[str, str] = field(default_factory=lambda: {"*": "{table}/{key}"})
+    unit_column: str = "idx"
+
+    @property
+    def marker(self) -> str:
+        return self.tables[-1]
+
+    def template(self, table: str) -> str:
+        return self.templates.get(table, self.templates.get("*", "{table}/{key}"))
+
+    def path(self, run: Path, table: str, key: str, suffix: str) -> Path:
+        return Path(run) / (self.template(table).format(table=table, key=key) + suffix)
+
+    def shards(self, run: Path, table: str) -> dict[str, Path]:
+        """key -> file of every shard of `table` (templates without {key} hold one file, key "")."""
+        tpl = self.template(table)
+        if "{key}" not in tpl:
+            out = {}
+            for suffix in (".parquet", ".safetensors"):
+                p = Path(run) / (tpl.format(table=table) + suffix)
+                if p.exists():
+                    out[""] = p
+            return out
+        pre, post = tpl.format(table=table, key="\0").split("\0")
+        base = Path(run) / pre
+        d, head = (base.parent, base.name) if not pre.endswith("/") else (base, "")
+        if not d.exists():
+            return {}
+        out = {}
+        for f in d.iterdir():
+            name = f.name
+            for suffix in (".parquet", ".safetensors"):
+                end = post + suffix
+                if name.startswith(head) and name.endswith(end) and not name.startswith("."):
+                    key = name[len(head):len(name) - len(end)]
+                    if key and "/" not in key:
+                        out[key] = f
+        return out
+
+    def dirs(self, run: Path) -> set[Path]:
+        return {self.path(run, t, "x", "").parent for t in self.tables} | {Path(run)}
 
 
 def versions() -> dict[str, str]:
@@ -127,7 +189,7 @@ def read_manifest(run: Path) -> dict:
 
 
 def _read_dir(d: Path) -> pd.DataFrame | None:
-    files = sorted(f for f in d.glob("r*-*.parquet") if _SHARD_RE.match(f.name)) if d.exists() else []
+    files = sorted(f for f in d.glob("r*-*.parquet") if _RANK_KEY.match(f.stem)) if d.exists() else []
     if not files:
         return None
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
@@ -151,6 +213,40 @@ def read_examples(run: Path) -> pd.DataFrame:
     return df.sort_values("idx", kind="stable").reset_index(drop=True)
 
 
+def merge_shards(run: Path, table: str = "examples", unit_column: str = "idx") -> pd.DataFrame:
+    """Write RUN/{table}.parquet from the table's per-rank shards (sorted, one row per unit); returns it.
+
+    Without shards (a run read back later), the merged file as it is."""
+    run = Path(run)
+    df = _read_dir(run / table)
+    if df is None:
+        return read_examples(run) if table == "examples" else pd.read_parquet(run / f"{table}.parquet")
+    df = df.sort_values(unit_column, kind="stable").drop_duplicates(unit_column, keep="first").reset_index(drop=True)
+    if table == "examples":
+        df = df[EXAMPLE_COLUMNS + [c for c in df.columns if c not in EXAMPLE_COLUMNS]]
+    write_parquet(df, run / f"{table}.parquet")
+    return df
+
+
+def read_features(run: Path, layers: list[str] | None = None):
+    """(idx (n,) int64, {layer: (n, D) tensor}) from all feature shards of a run, sorted by idx.
+
+    Shards hold one tensor per layer (key = layer name) and "__idx__". Loaded with safetensors (no pickle).
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    d = Path(run) / "features"
+    files = sorted(f for f in d.glob("r*-*.safetensors")) if d.exists() else []
+    if not files:
+        return torch.zeros(0, dtype=torch.int64), {}
+    parts = [load_file(str(f)) for f in files]
+    idx = torch.cat([p["__idx__"] for p in parts])
+    order = torch.argsort(idx)
+    names = layers or [k for k in parts[0] if k != "__idx__"]
+    return idx[order], {n: torch.cat([p[n] for p in parts])[order] for n in names}
+
+
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
@@ -161,20 +257,21 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 class RunStore:
-    """One rank's view of a run directory."""
+    """One rank's view of a run directory, for an analysis' shard `layout`."""
 
-    def __init__(self, path: Path, rank: int = 0, world_size: int = 1):
+    def __init__(self, path: Path, rank: int = 0, world_size: int = 1, layout: Layout | None = None):
         self.path = Path(path)
         self.rank = rank
         self.world_size = world_size
+        self.layout = layout or Layout()
 
     # identity -------------------------------------------------------------------------------------------
     def open(self, identity: dict, extra: dict) -> dict:
         """Create the manifest (rank 0) or check an existing one; returns the manifest.
 
         Args:
-            identity: what defines the results (semantic config, model fingerprint, data hash); a run
-                directory whose identity differs is refused with the differing keys.
+            identity: what defines the results (analysis, semantic config, model fingerprint, data hash); a
+                run directory whose identity differs is refused with the differing keys.
             extra: informational fields (versions, world size, full config).
         """
         mpath = self.path / "manifest.json"
@@ -182,7 +279,8 @@ class RunStore:
             old = json.loads(mpath.read_text())
             if old.get("schema_version") != SCHEMA_VERSION:
                 raise RunMismatchError(f"{self.path}: schema version {old.get('schema_version')} "
-                                       f"!= {SCHEMA_VERSION}; use a new output directory")
+                                       f"!= {SCHEMA_VERSION} (written by another gradsight version); use a new "
+                                       "output directory")
             diffs = _diff(old.get("identity", {}), json.loads(json.dumps(identity, default=str)))
             if diffs:
                 raise RunMismatchError(
@@ -206,68 +304,65 @@ class RunStore:
         atomic_write_text(self.path / "manifest.json", json.dumps(m, indent=2, default=str))
 
     # shards ---------------------------------------------------------------------------------------------
-    def _shards(self, kind: str) -> dict[str, Path]:
-        d = self.path / kind
-        return {f.name: f for f in d.glob("r*-*.parquet") if _SHARD_RE.match(f.name)} if d.exists() else {}
-
     def cleanup(self) -> int:
-        """Remove temp files and layer-stats shards without their examples twin; returns how many."""
+        """Remove temp files and the shards of unfinished commits (no marker shard); returns how many."""
         n = 0
-        for d in (self.path / "layer_stats", self.path / "examples", self.path / "features", self.path):
+        for d in self.layout.dirs(self.path):
             if d.exists():
                 for f in d.glob(".*.tmp"):
                     f.unlink(missing_ok=True)
                     n += 1
-        ex = self._shards("examples")
-        for name, f in self._shards("layer_stats").items():
-            if name not in ex:
-                f.unlink(missing_ok=True)
-                n += 1
-        fdir = self.path / "features"
-        for f in (fdir.glob("r*-*.safetensors") if fdir.exists() else []):
-            if f.name.replace(".safetensors", ".parquet") not in ex:  # features of an unfinished flush
-                f.unlink(missing_ok=True)
-                n += 1
+        done = set(self.layout.shards(self.path, self.layout.marker))
+        for table in self.layout.tables[:-1]:
+            if "{key}" not in self.layout.template(table):
+                continue
+            for key, f in self.layout.shards(self.path, table).items():
+                if key not in done:
+                    f.unlink(missing_ok=True)
+                    n += 1
         return n
 
-    def done(self) -> set[int]:
-        """idx of every example with an examples row (any rank)."""
-        df = _read_dir(self.path / "examples")
-        return set() if df is None else set(int(i) for i in df["idx"])
+    def done(self) -> set:
+        """Keys of every unit in a marker shard (any rank)."""
+        col = self.layout.unit_column
+        out: set = set()
+        for f in self.layout.shards(self.path, self.layout.marker).values():
+            try:
+                df = pd.read_parquet(f, columns=[col])
+            except Exception:  # a torn file cannot exist (atomic writes); never trust a foreign one
+                continue
+            out.update(v.item() if hasattr(v, "item") else v for v in df[col].unique())
+        return out
 
-    def _next_seq(self) -> int:
-        seqs = [int(m.group(2)) for name in self._shards("examples") | self._shards("layer_stats")
-                if (m := _SHARD_RE.match(name)) and int(m.group(1)) == self.rank]
-        return 1 + max(seqs, default=-1)
+    def next_key(self) -> str:
+        """This rank's next commit key "r{rank}-{seq:05d}" (after every shard of any table it wrote)."""
+        seqs = [int(m.group(2)) for t in self.layout.tables for k in self.layout.shards(self.path, t)
+                if (m := _RANK_KEY.match(k)) and int(m.group(1)) == self.rank]
+        return f"r{self.rank}-{1 + max(seqs, default=-1):05d}"
 
-    def append(self, examples: pd.DataFrame, layer_stats: pd.DataFrame | None) -> None:
-        """Commit one shard pair: layer stats first, then the examples rows that mark them done."""
-        if examples.empty:
-            return
-        name = f"r{self.rank}-{self._next_seq():05d}.parquet"
-        if layer_stats is not None and not layer_stats.empty:
-            write_parquet(layer_stats, self.path / "layer_stats" / name)
-        cols = EXAMPLE_COLUMNS + [c for c in examples.columns if c not in EXAMPLE_COLUMNS]  # analysis extras
-        write_parquet(examples[cols], self.path / "examples" / name)
+    def write(self, table: str, key: str, value: Any) -> None:
+        """One shard: a DataFrame as parquet, Tensors as safetensors (unit ids as "__idx__")."""
+        if isinstance(value, Tensors):
+            import torch
 
-    def append_features(self, idx: list[int], feats: dict, metadata: dict[str, str] | None = None) -> None:
-        """Write one features shard (layer -> (B, D) tensor) for the examples `idx`.
+            tensors = dict(value.tensors)
+            if value.ids is not None:
+                tensors["__idx__"] = torch.tensor(value.ids, dtype=torch.int64)
+            write_safetensors(tensors, self.layout.path(self.path, table, key, ".safetensors"), value.metadata)
+        else:
+            if table == "examples":
+                value = value[EXAMPLE_COLUMNS + [c for c in value.columns if c not in EXAMPLE_COLUMNS]]
+            write_parquet(value, self.layout.path(self.path, table, key, ".parquet"))
 
-        Call before `append` of the same examples: an example is done only once its examples row exists,
-        and feature shards of unfinished examples are ignored on resume (their idx are filtered by done()).
-        """
-        import torch
-
-        name = f"r{self.rank}-{self._next_seq():05d}.safetensors"
-        tensors = dict(feats)
-        tensors["__idx__"] = torch.tensor(idx, dtype=torch.int64)
-        write_safetensors(tensors, self.path / "features" / name, metadata)
-
-    def merge_examples(self) -> pd.DataFrame:
-        """Write RUN/examples.parquet from all examples shards (rank 0)."""
-        df = _read_dir(self.path / "examples")
-        df = pd.DataFrame(columns=EXAMPLE_COLUMNS) if df is None else df
-        df = df.sort_values("idx", kind="stable").drop_duplicates("idx", keep="first").reset_index(drop=True)
-        if self.rank == 0:
-            write_parquet(df, self.path / "examples.parquet")
-        return df
+    def commit(self, tables: Mapping[str, Any], key: str | None = None) -> str:
+        """Write one commit's shards in layout order, the marker last; returns the key used."""
+        key = key or self.next_key()
+        unknown = set(tables) - set(self.layout.tables)
+        if unknown:
+            raise ValueError(f"tables {sorted(unknown)} are not in the layout {self.layout.tables}")
+        for table in self.layout.tables:
+            value = tables.get(table)
+            if value is None or (isinstance(value, pd.DataFrame) and value.empty and table != self.layout.marker):
+                continue
+            self.write(table, key, value)
+        return key

@@ -37,8 +37,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..measures.moments import MomentAccumulator, as_f64, ratio
+
 __all__ = [
-    "MomentAccumulator",
     "noise_scale",
     "noise_scale_ci",
     "noise_scale_two_batch",
@@ -49,125 +50,6 @@ __all__ = [
 ]
 
 PER_LAYER_COLUMNS = ["layer", "n", "trace_sigma", "g_sq", "b_simple", "gsnr_mean"]
-
-
-def _as_f64(F) -> torch.Tensor:
-    t = torch.as_tensor(F) if not isinstance(F, torch.Tensor) else F
-    t = t.detach().to(device="cpu", dtype=torch.float64)
-    if t.dim() != 2:
-        raise ValueError(f"gradients must be a 2-D (n, D) array, got shape {tuple(t.shape)}")
-    return t
-
-
-def _ratio(num: float, den: float) -> float:
-    """num / den for the noise scale: +inf when den <= 0 < num, NaN when both are <= 0."""
-    if den > 0:
-        return num / den
-    return math.inf if num > 0 else math.nan
-
-
-class MomentAccumulator:
-    """Streaming per-coordinate mean and centred sum of squares (Chan et al. parallel update), float64.
-
-    Enough for the noise scale and GSNR without storing the rows: O(D) memory. Merge across ranks by
-    gathering ``state_dict()`` (n, mean, m2, n_skipped) and calling ``merge``; means are not summable, so
-    do not all_reduce them directly.
-
-    Reference: Chan, Golub, LeVeque, "Updating formulae and a pairwise algorithm for computing sample
-    variances", 1979.
-    """
-
-    def __init__(self, dim: int | None = None):
-        self.dim = dim
-        self.n = 0
-        self.n_skipped = 0
-        self.mean = torch.zeros(dim, dtype=torch.float64) if dim is not None else None
-        self.m2 = torch.zeros(dim, dtype=torch.float64) if dim is not None else None
-
-    def _combine(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        if n_b == 0:
-            return
-        if self.n == 0:
-            self.n, self.mean, self.m2 = n_b, mean_b.clone(), m2_b.clone()
-            return
-        n = self.n + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta.pow(2) * (self.n * n_b / n)
-        self.n = n
-
-    def update(self, F_chunk) -> "MomentAccumulator":
-        """Add a chunk (b, D) of per-example gradients; rows with non-finite entries are skipped. Returns self."""
-        F = _as_f64(F_chunk)
-        if self.dim is None:
-            self.dim = F.shape[1]
-            self.mean = torch.zeros(self.dim, dtype=torch.float64)
-            self.m2 = torch.zeros(self.dim, dtype=torch.float64)
-        if F.shape[1] != self.dim:
-            raise ValueError(f"gradient dimension {F.shape[1]} does not match the accumulator's {self.dim}")
-        ok = torch.isfinite(F).all(dim=1)
-        self.n_skipped += int((~ok).sum())
-        F = F[ok]
-        if F.shape[0]:
-            mb = F.mean(0)
-            self._combine(F.shape[0], mb, (F - mb).pow(2).sum(0))
-        return self
-
-    def merge(self, other: "MomentAccumulator") -> "MomentAccumulator":
-        """Add another accumulator's rows. Returns self."""
-        if other.dim is not None and self.dim is not None and other.dim != self.dim:
-            raise ValueError(f"cannot merge accumulators of dimensions {self.dim} and {other.dim}")
-        if self.dim is None and other.dim is not None:
-            self.dim = other.dim
-            self.mean = torch.zeros(other.dim, dtype=torch.float64)
-            self.m2 = torch.zeros(other.dim, dtype=torch.float64)
-        if other.dim is not None:
-            self._combine(other.n, other.mean, other.m2)
-        self.n_skipped += other.n_skipped
-        return self
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """{"n", "n_skipped": int64 scalars, "mean", "m2": (D,) float64}."""
-        if self.dim is None:
-            raise ValueError("empty accumulator without a dimension has no state; construct it with dim=D")
-        return {"n": torch.tensor(self.n, dtype=torch.int64), "n_skipped": torch.tensor(self.n_skipped),
-                "mean": self.mean.clone(), "m2": self.m2.clone()}
-
-    @classmethod
-    def from_state(cls, state: Mapping[str, torch.Tensor]) -> "MomentAccumulator":
-        mean = torch.as_tensor(state["mean"]).detach().cpu().double().reshape(-1)
-        acc = cls(mean.numel())
-        acc.n = int(state["n"])
-        acc.n_skipped = int(state.get("n_skipped", 0))
-        acc.mean = mean.clone()
-        acc.m2 = torch.as_tensor(state["m2"]).detach().cpu().double().reshape(-1).clone()
-        return acc
-
-    def noise_scale(self, unbiased: bool = True) -> dict:
-        """B_simple and its parts from the rows seen so far; see ``noise_scale``."""
-        n = self.n
-        if n < 2:
-            raise ValueError(f"the noise scale needs at least 2 valid per-example gradients, got {n}")
-        ddof = 1 if unbiased else 0
-        trace_sigma = float(self.m2.sum()) / (n - ddof)
-        gbar_sq = float(self.mean.pow(2).sum())
-        g_sq = gbar_sq - trace_sigma / n if unbiased else gbar_sq
-        return {"b_simple": _ratio(trace_sigma, g_sq), "trace_sigma": trace_sigma, "g_sq": g_sq,
-                "gbar_sq": gbar_sq, "n": n, "n_skipped": self.n_skipped, "signal_detected": g_sq > 0}
-
-    def gsnr(self, eps: float = 1e-5, unbiased: bool = False) -> tuple[torch.Tensor, float]:
-        """Per-coordinate GSNR and its mean over coordinates; see ``gsnr``."""
-        n = self.n
-        if n < (2 if unbiased else 1):
-            raise ValueError(f"GSNR needs at least {2 if unbiased else 1} valid per-example gradients, got {n}")
-        if unbiased:
-            var = self.m2 / (n - 1)
-            num = self.mean.pow(2) - var / n
-        else:
-            var = self.m2 / n
-            num = self.mean.pow(2)
-        g = num / (var + eps)
-        return g, float(g.mean())
 
 
 def noise_scale(F, *, unbiased: bool = True) -> dict:
@@ -220,7 +102,7 @@ def noise_scale_ci(F, n_boot: int = 1000, ci: float = 0.95, seed: int = 0, *, un
         raise ValueError(f"ci must be in (0, 1), got {ci}")
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    F = _as_f64(F)
+    F = as_f64(F)
     F = F[torch.isfinite(F).all(dim=1)]
     est = noise_scale(F, unbiased=unbiased)
     n = F.shape[0]
@@ -275,7 +157,7 @@ def noise_scale_two_batch(S_small, S_big, B_small, B_big) -> dict:
         raise ValueError(f"S_small and S_big shapes differ: {s_small.shape} vs {s_big.shape}")
     g_sq = (B_big * s_big - B_small * s_small) / (B_big - B_small)
     tr = (s_small - s_big) / (1.0 / B_small - 1.0 / B_big)
-    b = _ratio(float(np.mean(tr)), float(np.mean(g_sq)))
+    b = ratio(float(np.mean(tr)), float(np.mean(g_sq)))
     if s_small.ndim == 0:
         return {"g_sq": float(g_sq), "trace_sigma": float(tr), "b_simple": b}
     return {"g_sq": g_sq, "trace_sigma": tr, "b_simple": b}
@@ -302,7 +184,7 @@ def noise_scale_microbatches(G_k, b: int) -> dict:
     b = int(b)
     if b < 1:
         raise ValueError(f"micro-batch size b must be >= 1, got {b}")
-    G = _as_f64(G_k)
+    G = as_f64(G_k)
     if not bool(torch.isfinite(G).all()):
         raise ValueError("micro-batch gradients contain inf/NaN (skip such steps before estimating)")
     K = G.shape[0]
@@ -311,7 +193,7 @@ def noise_scale_microbatches(G_k, b: int) -> dict:
     gbar = G.mean(0)
     s2 = float((G - gbar).pow(2).sum()) / (K - 1)
     g_sq = float(gbar.pow(2).sum()) - s2 / K
-    return {"b_simple": _ratio(b * s2, g_sq), "trace_sigma": b * s2, "g_sq": g_sq, "K": K, "b": b,
+    return {"b_simple": ratio(b * s2, g_sq), "trace_sigma": b * s2, "g_sq": g_sq, "K": K, "b": b,
             "signal_detected": g_sq > 0}
 
 
@@ -359,7 +241,7 @@ def per_layer_noise(features: Mapping[str, "torch.Tensor"], *, unbiased: bool = 
         raise ValueError("no layers given")
     if "total" in features:
         raise ValueError("a layer is named 'total', the name of the summary row")
-    mats = {name: _as_f64(f) for name, f in features.items()}
+    mats = {name: as_f64(f) for name, f in features.items()}
     ns = {f.shape[0] for f in mats.values()}
     if len(ns) != 1:
         raise ValueError(f"every layer needs the same number of examples, got {sorted(ns)}")

@@ -1,4 +1,4 @@
-"""The `layers` pipeline end to end on a tiny model: store, resume, config guard, bad input, CLI."""
+"""The `layers` analysis end to end on a tiny model: store, resume, config guard, bad input, CLI."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import gradsight
-from gradsight import pipeline
-from gradsight.config import LayersConfig
+from gradsight.analyses import layers as pipeline
+from gradsight.analyses.layers import LayersConfig
+from gradsight.analyses.layers import compute as layers_compute
 from gradsight.demo.problems import demo_records
 from gradsight.inputs.data import DataError, EncodeOptions
 from gradsight.runs import store
@@ -90,19 +91,19 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, model_dir, dat
 
 def test_resume_same_batches_is_exact(tmp_path, model_dir, data_file, monkeypatch):
     full = pipeline.run_layers(_cfg(model_dir, data_file), tmp_path / "full", progress=False, report=False).path
-    real = store.RunStore.append
+    real = store.RunStore.commit
     calls = {"n": 0}
 
-    def dying(self, ex, ls):
+    def dying(self, *a, **kw):  # the 4th commit never happens
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt("killed")
-        return real(self, ex, ls)
+        return real(self, *a, **kw)
 
-    monkeypatch.setattr(store.RunStore, "append", dying)
+    monkeypatch.setattr(store.RunStore, "commit", dying)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_layers(_cfg(model_dir, data_file), tmp_path / "part", progress=False, report=False)
-    monkeypatch.setattr(store.RunStore, "append", real)
+    monkeypatch.setattr(store.RunStore, "commit", real)
     pipeline.run_layers(_cfg(model_dir, data_file), tmp_path / "part", progress=False, report=False)
     ex1, ls1, sm1 = _tables(full)
     ex2, ls2, sm2 = _tables(tmp_path / "part")
@@ -152,7 +153,7 @@ def test_non_finite_gradient_is_flagged_and_counted(tmp_path, monkeypatch):
             return torch.where(victim, _NanGrad.apply(out), out)
         return fn
 
-    monkeypatch.setattr(pipeline, "loss_fn_for", lambda m, r: poisoned(r))
+    monkeypatch.setattr(layers_compute, "loss_fn_for", lambda m, r: poisoned(r))
     res = gradsight.analyze_layers(recs, tmp_path / "run", model=model, tokenizer=tok, progress=False,
                                    report=True, max_length=256)
     ex = res.examples

@@ -15,10 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gradsight.config import GeometryConfig, SummaryOptions
+from gradsight.analyses.geometry import GeometryConfig, run_geometry, select
+from gradsight.analyses.geometry.compute import MODEL_KEY, expand_units, unit_labels
+from gradsight.analyses.geometry.summarize import scope_tables
+from gradsight.analyses.geometry.summarize import summarize as summarize_geometry
+from gradsight.config import SummaryOptions
 from gradsight.demo.problems import demo_records, geometry_records
-from gradsight.geometry import (MODEL_KEY, _scope_tables, expand_units, run_geometry, select,
-                                summarize_geometry, unit_labels)
 from gradsight.inputs.data import DataError, EncodeOptions, collate, encode, load_records
 from gradsight.inputs.losses import loss_fn_for
 from gradsight.inputs.models import select_layers
@@ -103,7 +105,7 @@ def test_exact_mode_equals_materialised_reference(tmp_path, model64):
         K_model = K_model + K
     # every model-scope geometry number equals the same statistic on the dense reference Gram
     ex["label"] = unit_labels(ex, cfg.threshold)
-    ref = _scope_tables(K_model.numpy(), ex, ("model", "model", "", -1), cfg, cfg.summary.n_boot)
+    ref = scope_tables(K_model.numpy(), ex, ("model", "model", "", -1), cfg, cfg.summary.n_boot)
     for name, parts in ref.items():
         got = res.tables[name]
         got = got[got["scope"] == "model"].reset_index(drop=True)
@@ -181,19 +183,20 @@ def test_killed_run_resumes_to_the_same_tables(tmp_path, monkeypatch):
     model = tiny_model(seed=2)
     records = mixed_records(2)
     full = _run(tmp_path, "full", model, records)
-    real = store.RunStore.append
+    real = store.RunStore.write
     calls = {"n": 0}
 
-    def dying(self, ex, ls):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("killed")
-        return real(self, ex, ls)
+    def dying(self, table, key, value):  # killed between the features and the examples of the 3rd commit
+        if table == "examples":
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt("killed")
+        return real(self, table, key, value)
 
-    monkeypatch.setattr(store.RunStore, "append", dying)
+    monkeypatch.setattr(store.RunStore, "write", dying)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, "part", model, records)
-    monkeypatch.setattr(store.RunStore, "append", real)
+    monkeypatch.setattr(store.RunStore, "write", real)
     part = tmp_path / "part"
     n_feat = len(list((part / "features").glob("*.safetensors")))
     assert n_feat == len(list((part / "examples").glob("*.parquet"))) + 1  # one orphan features shard

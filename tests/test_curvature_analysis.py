@@ -1,4 +1,4 @@
-"""The curvature / landscape pipelines: tables against dense operators, resume, config guard, errors, CLI,
+"""The curvature / landscape analyses: tables against dense operators, resume, config guard, errors, CLI,
 torchrun, report. Tiny models, float64, short sequences (every product re-runs the data)."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from gradsight.cli import main as cli_main
-from gradsight.config import CurvatureConfig, LandscapeConfig
+from gradsight.analyses.curvature import CurvatureConfig, curvature_of, load_eigenvectors, run_curvature
+from gradsight.analyses.landscape import LandscapeConfig, run_landscape
 from gradsight.curvature import HessianOperator, causal_lm_forward
-from gradsight.curvature.pipeline import curvature_of, load_eigenvectors, run_curvature, run_landscape
 from gradsight.inputs.data import EncodeOptions, collate, encode, load_records
 from gradsight.inputs.models import ModelError
 from gradsight.runs.store import RunMismatchError
@@ -401,7 +401,7 @@ def _two_mlps():
 
 def test_landscape_of_random_hessian_interpolate(tmp_path):
     from gradsight import landscape as ls
-    from gradsight.curvature.pipeline import landscape_of
+    from gradsight.analyses.landscape import landscape_of
 
     (net, other), batches = _two_mlps()
     loss = ls.BatchLoss(batches, nn.functional.cross_entropy)
@@ -471,7 +471,7 @@ def test_lm_landscape_killed_run_resumes_chunk_by_chunk(tmp_path):
 
 def test_landscape_of_pca_and_gradient_kinds(tmp_path):
     from gradsight import landscape as ls
-    from gradsight.curvature.pipeline import landscape_of
+    from gradsight.analyses.landscape import landscape_of
 
     (net, other), batches = _two_mlps()
     loss = ls.BatchLoss(batches, nn.functional.cross_entropy)

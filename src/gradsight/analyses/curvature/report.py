@@ -1,46 +1,49 @@
-"""Report of a `gradsight curvature` or `gradsight landscape` run: a self-contained HTML page and a terminal
-summary.
+"""The `curvature` page and terminal summary of a saved run.
 
-Reads the run directory only (manifest.json and the parquet tables written by
-`gradsight.curvature.pipeline`) and never recomputes a statistic: eigenvalues, traces with their standard
-errors, the SLQ density, the spectral criteria (bulk edge, outliers), the stability numbers and the landscape
-losses come from the tables. The page follows the other reports (``html.py``): plotly.js inlined once, every
-figure embedded as script-safe JSON, every user string autoescaped by jinja, and text handed to plotly
-entity-escaped first (``_ptext``).
+Reads the run directory only (manifest.json and the parquet tables written by the curvature analysis) and
+never recomputes a statistic: eigenvalues, traces with their standard errors, the SLQ density, the spectral
+criteria (bulk edge, outliers) and the stability numbers come from the tables. The page (template
+``analyses/curvature/curvature.html``) is built with `gradsight.report.kit` like every page: plotly.js
+inlined once, every figure embedded as script-safe JSON, every user string autoescaped by jinja, and text
+handed to plotly entity-escaped first (`kit.ptext`).
+
+The landscape page (`gradsight.analyses.landscape.report`) reads its run with `load_curvature` too and
+shares `settings`, `print_head` and `print_tail`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .html import (
-    FigureRegistry,
+from ...report.kit import (
     KIND_ORDER,
     PALETTE,
-    _atomic_write,
-    _env,
-    _floats,
-    _order,
-    _ptext,
-    _read_table,
-    _str_cols,
-    _Subplots,
-    _figure,
+    FigureRegistry,
+    Subplots,
+    figure,
+    finite,
+    floats,
     fmt_int,
     fmt_num,
+    order,
+    out_path,
+    ptext,
+    read_table,
+    render_page,
     run_context,
+    str_cols,
 )
+from ...runs.store import read_manifest
 
-__all__ = ["render_curvature_html", "print_curvature_summary", "curvature_findings", "load_curvature",
-           "CurvatureData"]
+__all__ = ["render", "print_summary", "build_context", "curvature_findings", "load_curvature", "CurvatureData",
+           "settings", "op_name", "print_head", "print_tail"]
 
-TABLES = ("eigenvalues", "trace", "density", "slq_nodes", "spectral_criteria", "stability", "landscape")
+HERE = Path(__file__).parent  # the page template (curvature.html) lives next to this module
+TABLES = ("eigenvalues", "trace", "density", "slq_nodes", "spectral_criteria", "stability")
 SCOPE_STR = ("scope", "scope_type", "kind")
 OPERATOR_NAMES = {"hessian": "Hessian", "ggn": "GGN", "fisher_true": "true Fisher", "fisher_mc": "MC Fisher",
                   "fisher_empirical": "empirical Fisher"}
@@ -49,6 +52,8 @@ Z = 1.96
 
 @dataclass
 class CurvatureData:
+    """The tables of a curvature or landscape run (`get` returns None for an absent or empty table)."""
+
     run_dir: Path
     manifest: dict
     tables: dict[str, pd.DataFrame | None]
@@ -64,13 +69,13 @@ class CurvatureData:
 
 
 def load_curvature(run_dir: Path | str) -> CurvatureData:
-    from ..runs.store import read_manifest
-
+    """Read the tables of a curvature run, or the landscape table of a landscape run (the manifest's "analysis"
+    says which); a missing required table becomes a note, the optional ones (stability, density, trace) None."""
     run_dir = Path(run_dir)
     man = read_manifest(run_dir)
     notes: list[str] = []
     tables: dict[str, pd.DataFrame | None] = {}
-    wanted = ("landscape",) if man.get("analysis") == "landscape" else TABLES[:-1]
+    wanted = ("landscape",) if man.get("analysis") == "landscape" else TABLES
     for name in wanted:
         p = run_dir / f"{name}.parquet"
         if name == "stability" and not p.exists():
@@ -79,22 +84,30 @@ def load_curvature(run_dir: Path | str) -> CurvatureData:
         if name in ("density", "slq_nodes", "trace") and not p.exists():
             tables[name] = None  # density/trace only for the scope types that asked for one
             continue
-        tables[name] = _str_cols(_read_table(p, notes, name), SCOPE_STR)
+        tables[name] = str_cols(read_table(p, notes, name), SCOPE_STR)
     if man.get("analysis") != "landscape" and not man.get("finished"):
         notes.append("the run has not finished: tables hold the scopes done so far (rerun to resume).")
     return CurvatureData(run_dir, man, tables, notes)
 
 
-def _fin(x: Any) -> bool:
-    try:
-        return x is not None and math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
-
-
-def _op_name(man: dict) -> str:
+def op_name(man: dict) -> str:
     op = (man.get("curvature") or {}).get("operator") or (man.get("config") or {}).get("operator") or "hessian"
     return OPERATOR_NAMES.get(op, str(op))
+
+
+def settings(man: dict) -> list[tuple[str, str]]:
+    """The options worth a header line, from the manifest's curvature block (or landscape_options block)."""
+    cur = man.get("curvature") or man.get("landscape_options") or {}
+    keep = ("operator", "method", "objective", "per", "trace_scopes", "density_scopes", "top_k", "bottom_k", "tol", "n_products",
+            "n_probes", "n_steps", "lr", "switched_to_eval", "sdpa_math", "n_examples", "n_target_tokens",
+            "n_batches", "world_size", "kind", "dims", "steps", "span", "norm", "from_curvature", "to", "trajectory")
+    out = []
+    for k in keep:
+        if k in cur:
+            v = cur[k]
+            out.append((k, (", ".join(map(str, v)) or "(none)") if isinstance(v, list) else "(none)" if v is None
+                        else str(v)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -130,7 +143,7 @@ def trace_rows(data: CurvatureData) -> list[dict]:
     out = []
     for r in tr.to_dict("records"):
         se = r["stderr"]
-        ci = f"[{fmt_num(r['estimate'] - Z * se)}, {fmt_num(r['estimate'] + Z * se)}]" if _fin(se) else "–"
+        ci = f"[{fmt_num(r['estimate'] - Z * se)}, {fmt_num(r['estimate'] + Z * se)}]" if finite(se) else "–"
         out.append({"scope": r["scope"], "n_params": fmt_int(r["n_params"]), "estimate": fmt_num(r["estimate"]),
                     "stderr": fmt_num(se), "ci": ci, "n_products": fmt_int(r["n_products"]),
                     "method": str(r["method"]) + (" (exact: sketch spans the block)" if r.get("exact") else ""),
@@ -144,7 +157,7 @@ def criteria_rows(data: CurvatureData) -> list[dict]:
         return []
     out = []
     for r in cr.to_dict("records"):
-        n_out = int(r["n_outliers"]) if _fin(r.get("n_outliers")) and r["n_outliers"] >= 0 else None
+        n_out = int(r["n_outliers"]) if finite(r.get("n_outliers")) and r["n_outliers"] >= 0 else None
         out.append({"scope": r["scope"], "lambda_max": fmt_num(r["lambda_max"]), "lambda_min": fmt_num(r["lambda_min"]),
                     "ratio": fmt_num(r["abs_min_max_ratio"]), "neg_mass": fmt_num(r["neg_mass"]),
                     "pos_mass": fmt_num(r["pos_mass"]), "curv_ratio": fmt_num(r["neg_pos_curvature_ratio"]),
@@ -176,20 +189,20 @@ def top_by_block_figure(data: CurvatureData) -> dict | None:
     blk = top[top["scope_type"] == "block"].sort_values("block")
     if not blk.empty:
         traces.append({"type": "scatter", "mode": "lines+markers", "name": "block (all selected layers)",
-                       "x": [int(b) for b in blk["block"]], "y": _floats(blk["eigenvalue"]),
+                       "x": [int(b) for b in blk["block"]], "y": floats(blk["eigenvalue"]),
                        "line": {"color": "#1d2330", "width": 3},
                        "hovertemplate": "block %{x}: λmax %{y:.4g}<extra></extra>"})
     lay = top[(top["scope_type"] == "layer") & (top["block"] >= 0)]
-    for i, k in enumerate(_order(lay["kind"].unique(), KIND_ORDER)):
+    for i, k in enumerate(order(lay["kind"].unique(), KIND_ORDER)):
         rows = lay[lay["kind"] == k].sort_values("block")
-        traces.append({"type": "scatter", "mode": "lines+markers", "name": _ptext(k),
-                       "x": [int(b) for b in rows["block"]], "y": _floats(rows["eigenvalue"]),
+        traces.append({"type": "scatter", "mode": "lines+markers", "name": ptext(k),
+                       "x": [int(b) for b in rows["block"]], "y": floats(rows["eigenvalue"]),
                        "line": {"color": PALETTE[i % len(PALETTE)], "width": 1.5},
-                       "hovertemplate": _ptext(k) + " block %{x}: λmax %{y:.4g}<extra></extra>"})
+                       "hovertemplate": ptext(k) + " block %{x}: λmax %{y:.4g}<extra></extra>"})
     if not traces:
         return None
-    sp = _Subplots([""])
-    fig = _figure(traces, sp, 380)
+    sp = Subplots([""])
+    fig = figure(traces, sp, 380)
     fig["layout"]["xaxis"].update(title="block", dtick=1)
     fig["layout"]["yaxis"].update(title="top eigenvalue λmax")
     return fig
@@ -203,17 +216,17 @@ def density_figure(data: CurvatureData) -> dict | None:
     traces, shapes = [], []
     for i, (scope, g) in enumerate(de.groupby("scope", sort=False)):
         y = np.maximum(g["density"].to_numpy(dtype=float), 1e-12)  # log axis: floor the Gaussian tails
-        traces.append({"type": "scatter", "mode": "lines", "name": _ptext(scope), "x": _floats(g["grid"]),
-                       "y": _floats(y), "line": {"color": PALETTE[i % len(PALETTE)]},
-                       "hovertemplate": "λ %{x:.4g}: density %{y:.3g}<extra>" + _ptext(scope) + "</extra>"})
+        traces.append({"type": "scatter", "mode": "lines", "name": ptext(scope), "x": floats(g["grid"]),
+                       "y": floats(y), "line": {"color": PALETTE[i % len(PALETTE)]},
+                       "hovertemplate": "λ %{x:.4g}: density %{y:.3g}<extra>" + ptext(scope) + "</extra>"})
         if cr is not None:
             row = cr[cr["scope"] == scope]
-            if len(row) and _fin(row["bulk_edge"].iloc[0]):
+            if len(row) and finite(row["bulk_edge"].iloc[0]):
                 x = float(row["bulk_edge"].iloc[0])
                 shapes.append({"type": "line", "x0": x, "x1": x, "yref": "paper", "y0": 0, "y1": 1,
                                "line": {"dash": "dot", "color": PALETTE[i % len(PALETTE)]}})
-    sp = _Subplots([""])
-    fig = _figure(traces, sp, 380, shapes=shapes)
+    sp = Subplots([""])
+    fig = figure(traces, sp, 380, shapes=shapes)
     fig["layout"]["xaxis"].update(title="eigenvalue λ")
     fig["layout"]["yaxis"].update(title="spectral density (log scale)", type="log", exponentformat="power")
     return fig
@@ -224,11 +237,11 @@ def trace_figure(data: CurvatureData) -> dict | None:
     if tr is None:
         return None
     se = tr["stderr"].astype(float).fillna(0.0)
-    names = [_ptext(s) for s in tr["scope"]]
-    fig = _figure([{"type": "scatter", "mode": "markers", "x": names, "y": _floats(tr["estimate"]),
-                    "error_y": {"type": "data", "array": _floats(Z * se), "visible": True},
+    names = [ptext(s) for s in tr["scope"]]
+    fig = figure([{"type": "scatter", "mode": "markers", "x": names, "y": floats(tr["estimate"]),
+                    "error_y": {"type": "data", "array": floats(Z * se), "visible": True},
                     "marker": {"color": "#0072B2", "size": 8}, "name": "trace ± 1.96 se",
-                    "hovertemplate": "%{x}: %{y:.4g}<extra></extra>"}], _Subplots([""]), 360)
+                    "hovertemplate": "%{x}: %{y:.4g}<extra></extra>"}], Subplots([""]), 360)
     fig["layout"]["yaxis"].update(title="trace (Hutch++)")
     fig["layout"]["xaxis"].update(type="category", automargin=True)
     return fig
@@ -238,10 +251,10 @@ def stability_figure(data: CurvatureData) -> dict | None:
     st = data.get("stability")
     if st is None:
         return None
-    names = [_ptext(s) for s in st["scope"]]
-    traces = [{"type": "bar", "name": "lr · λmax", "x": names, "y": _floats(st["lr_lmax"]), "marker": {"color": "#0072B2"}},
-              {"type": "bar", "name": "lr · trace", "x": names, "y": _floats(st["lr_trace"]), "marker": {"color": "#E69F00"}}]
-    fig = _figure(traces, _Subplots([""]), 360, barmode="group",
+    names = [ptext(s) for s in st["scope"]]
+    traces = [{"type": "bar", "name": "lr · λmax", "x": names, "y": floats(st["lr_lmax"]), "marker": {"color": "#0072B2"}},
+              {"type": "bar", "name": "lr · trace", "x": names, "y": floats(st["lr_trace"]), "marker": {"color": "#E69F00"}}]
+    fig = figure(traces, Subplots([""]), 360, barmode="group",
                   shapes=[{"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": 2, "y1": 2,
                            "line": {"color": "#D55E00", "dash": "dash"}}])
     fig["layout"]["yaxis"].update(title="lr × curvature (stable below 2)")
@@ -249,90 +262,14 @@ def stability_figure(data: CurvatureData) -> dict | None:
     return fig
 
 
-def landscape_figures(data: CurvatureData) -> list[dict]:
-    """(title, figure) pairs: a 1-D curve, or a 2-D contour plus a surface and the two axis slices."""
-    ls = data.get("landscape")
-    if ls is None:
-        return []
-    meta = data.manifest.get("landscape") or {}
-    kind = meta.get("kind", "")
-    xlab = "t (0 = this model, 1 = the other)" if kind == "interpolate" else "alpha (direction 1)"
-    loss = ls["loss"].astype(float)
-    if ls["beta"].isna().all():
-        fig = _figure([{"type": "scatter", "mode": "lines+markers", "x": _floats(ls["alpha"]), "y": _floats(loss),
-                        "name": "loss", "hovertemplate": "%{x:.3g}: loss %{y:.5g}<extra></extra>"}],
-                      _Subplots([""]), 380)
-        fig["layout"]["xaxis"].update(title=xlab)
-        fig["layout"]["yaxis"].update(title="loss")
-        return [{"title": "1-D slice" if kind != "interpolate" else "Linear interpolation", "fig": fig}]
-    a = np.sort(ls["alpha"].unique())
-    b = np.sort(ls["beta"].unique())
-    Zm = ls.pivot_table(index="beta", columns="alpha", values="loss", dropna=False).reindex(index=b, columns=a)
-    z = [_floats(row) for row in Zm.to_numpy()]
-    contour = _figure([{"type": "contour", "x": _floats(a), "y": _floats(b), "z": z, "colorscale": "Viridis",
-                        "contours": {"coloring": "heatmap", "showlabels": True}, "colorbar": {"title": "loss"},
-                        "hovertemplate": "α %{x:.3g}, β %{y:.3g}: loss %{z:.5g}<extra></extra>"}],
-                      _Subplots([""]), 480)
-    coords = (meta.get("pca") or {}).get("coords") or {}
-    if coords.get("alpha") and coords.get("beta"):  # the checkpoints of a PCA plane, in training order
-        contour["data"].append({"type": "scatter", "mode": "lines+markers", "name": "trajectory",
-                                "x": _floats(coords["alpha"]), "y": _floats(coords["beta"]),
-                                "marker": {"color": "#ffffff", "size": 7, "line": {"color": "#000000", "width": 1}},
-                                "line": {"color": "#ffffff", "dash": "dot"},
-                                "hovertemplate": "checkpoint %{pointNumber}: α %{x:.3g}, β %{y:.3g}<extra></extra>"})
-    contour["layout"]["xaxis"].update(title="alpha (direction 1)")
-    contour["layout"]["yaxis"].update(title="beta (direction 2)", scaleanchor="x")
-    surface = {"data": [{"type": "surface", "x": _floats(a), "y": _floats(b), "z": z, "colorscale": "Viridis",
-                         "showscale": False}],
-               "layout": {"height": 480, "margin": {"l": 10, "r": 10, "t": 30, "b": 10},
-                          "scene": {"xaxis": {"title": "alpha"}, "yaxis": {"title": "beta"},
-                                    "zaxis": {"title": "loss"}}}}
-    ia = int(np.argmin(np.abs(a))) if len(a) else 0
-    ib = int(np.argmin(np.abs(b))) if len(b) else 0
-    sp = _Subplots(["along alpha (beta = %.3g)" % b[ib], "along beta (alpha = %.3g)" % a[ia]], max_cols=2)
-    curves = _figure([{"type": "scatter", "mode": "lines+markers", "x": _floats(a), "y": _floats(Zm.iloc[ib]),
-                       "name": "direction 1", **sp.refs(0)},
-                      {"type": "scatter", "mode": "lines+markers", "x": _floats(b), "y": _floats(Zm.iloc[:, ia]),
-                       "name": "direction 2", **sp.refs(1)}], sp, 340)
-    return [{"title": "Contour", "fig": contour}, {"title": "Surface", "fig": surface},
-            {"title": "1-D curves through the centre", "fig": curves}]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # findings
-
-
-def _axis_curvatures(ls: pd.DataFrame, meta: dict) -> list[str]:
-    """Central second differences of the loss at the centre along each axis (vs the eigenvalue on Hessian axes)."""
-    if meta.get("kind") == "interpolate":
-        return []
-    out = []
-    dirs = meta.get("directions") or []
-    for j, (col, other) in enumerate((("alpha", "beta"), ("beta", "alpha"))):
-        if col == "beta" and ls["beta"].isna().all():
-            break
-        line = ls if ls["beta"].isna().all() else ls[np.isclose(ls[other], 0.0)]
-        xs = np.sort(line[col].unique())
-        i0 = np.flatnonzero(np.isclose(xs, 0.0))
-        if len(i0) != 1 or i0[0] == 0 or i0[0] == len(xs) - 1:
-            return out
-        i = int(i0[0])
-        f = line.set_index(col)["loss"]
-        h1, h2 = xs[i] - xs[i - 1], xs[i + 1] - xs[i]
-        fm, f0, fp = float(f[xs[i - 1]]), float(f[xs[i]]), float(f[xs[i + 1]])
-        c = 2 * (h1 * fp + h2 * fm - (h1 + h2) * f0) / (h1 * h2 * (h1 + h2))
-        lam = (dirs[j] or {}).get("eigenvalue") if j < len(dirs) else None
-        ref = (f" (its Hessian eigenvalue: {fmt_num(lam)}; they agree when the loss is quadratic over one grid step)"
-               if _fin(lam) else "")
-        out.append(f"Curvature at the centre along direction {j + 1}: {fmt_num(c)} (second difference over "
-                   f"±{fmt_num(min(h1, h2))}){ref}.")
-    return out
 
 
 def curvature_findings(data: CurvatureData) -> list[dict]:
     """Titles and sentences with the run's numbers (plain text; the template escapes them)."""
     out: list[dict] = []
-    op = _op_name(data.manifest)
+    op = op_name(data.manifest)
     ev, tr, cr, st = data.get("eigenvalues"), data.get("trace"), data.get("spectral_criteria"), data.get("stability")
     if ev is not None:
         top = ev[(ev["which"] == "top") & (ev["rank"] == 1)]
@@ -372,14 +309,14 @@ def curvature_findings(data: CurvatureData) -> list[dict]:
         r = m.iloc[0] if len(m) else tr.iloc[0]
         se = float(r["stderr"])
         ci = (f" ± {fmt_num(Z * se)} (95% CI [{fmt_num(r['estimate'] - Z * se)}, {fmt_num(r['estimate'] + Z * se)}])"
-              if _fin(se) and se > 0 else " (exact)" if bool(r.get("exact")) else "")
+              if finite(se) and se > 0 else " (exact)" if bool(r.get("exact")) else "")
         out.append({"title": "Trace", "lines": [
             f"tr = {fmt_num(r['estimate'])}{ci} for {r['scope']}, Hutch++ with {fmt_int(r['n_products'])} products; "
             f"mean eigenvalue {fmt_num(r['estimate'] / r['n_params'])}."]})
     if cr is not None:
         lines = []
         for r in cr[cr["has_density"].astype(bool)].to_dict("records"):
-            if _fin(r["bulk_edge"]):
+            if finite(r["bulk_edge"]):
                 sat = (" — the split is at the end of the computed eigenvalues, so there may be more (raise --top-k)"
                        if bool(r.get("outliers_saturated")) else "")
                 lines.append(f"{r['scope']}: {int(r['n_outliers'])} outlier(s) above the bulk edge "
@@ -402,33 +339,6 @@ def curvature_findings(data: CurvatureData) -> list[dict]:
         if n_bad:
             lines.append(f"{n_bad} of {len(st)} scopes have lr · λmax ≥ 2.")
         out.append({"title": "Stability", "lines": lines})
-    ls = data.get("landscape")
-    if ls is not None:
-        meta = data.manifest.get("landscape") or {}
-        fin = ls[ls["finite"].astype(bool)]
-        lines = []
-        if meta.get("center_loss") is not None:
-            lines.append(f"Loss at the trained weights: {fmt_num(meta['center_loss'])}.")
-        if len(fin):
-            lo, hi = fin.loc[fin["loss"].idxmin()], fin.loc[fin["loss"].idxmax()]
-            interp = meta.get("kind") == "interpolate"
-            where = (lambda r: f"{'t' if interp else 'alpha'} {fmt_num(r['alpha'])}"  # noqa: E731
-                     + (f", beta {fmt_num(r['beta'])}" if _fin(r["beta"]) else ""))
-            what = "the linear path between the two models" if interp else f"{meta.get('kind', '?')} directions"
-            lines.append(f"Over {len(ls)} points ({what}): minimum {fmt_num(lo['loss'])} at "
-                         f"{where(lo)}, maximum {fmt_num(hi['loss'])} at {where(hi)}.")
-        n_nan = int((~ls["finite"].astype(bool)).sum())
-        if n_nan:
-            lines.append(f"{n_nan} points had a non-finite loss (recorded as NaN).")
-        pca = meta.get("pca") or {}
-        if pca.get("explained_variance_ratio"):
-            shares = ", ".join(f"{100 * float(r):.1f}%" for r in pca["explained_variance_ratio"])
-            lines.append(f"PCA plane of {len((pca.get('coords') or {}).get('alpha') or []) - 1} checkpoints: the "
-                         f"axes explain {shares} of the trajectory's variance (the path is drawn on the contour).")
-        lines.extend(_axis_curvatures(ls, meta))
-        if meta.get("barrier") is not None and _fin(meta.get("barrier")):
-            lines.append(f"Interpolation barrier (max loss above the straight line): {fmt_num(meta['barrier'])}.")
-        out.append({"title": "Landscape", "lines": lines})
     return out
 
 
@@ -436,37 +346,19 @@ def curvature_findings(data: CurvatureData) -> list[dict]:
 # page
 
 
-def _settings(man: dict) -> list[tuple[str, str]]:
-    cur = man.get("curvature") or man.get("landscape_options") or {}
-    keep = ("operator", "method", "objective", "per", "trace_scopes", "density_scopes", "top_k", "bottom_k", "tol", "n_products",
-            "n_probes", "n_steps", "lr", "switched_to_eval", "sdpa_math", "n_examples", "n_target_tokens",
-            "n_batches", "world_size", "kind", "dims", "steps", "span", "norm", "from_curvature", "to", "trajectory")
-    out = []
-    for k in keep:
-        if k in cur:
-            v = cur[k]
-            out.append((k, (", ".join(map(str, v)) or "(none)") if isinstance(v, list) else "(none)" if v is None
-                        else str(v)))
-    return out
-
-
-def build_curvature_context(data: CurvatureData) -> dict:
+def build_context(data: CurvatureData) -> dict:
+    """The template fields of the curvature page."""
     man = data.manifest
     model = man.get("model") or {}
     registry = FigureRegistry()
     fig = registry.add
-
-    land = [{"title": x["title"], "id": fig(f"land-{i}", x["fig"])} for i, x in enumerate(landscape_figures(data))]
-    cur = man.get("curvature") or {}
-    groups = cur.get("groups") or (man.get("landscape") or {}).get("groups") or {}
-    is_land = data.analysis == "landscape"
+    groups = (man.get("curvature") or {}).get("groups") or {}
     return {
         **run_context(man, data.run_dir),
-        "title": f"gradsight {'landscape' if is_land else 'curvature'} report: {model.get('id') or data.run_dir.name}",
-        "is_landscape": is_land,
-        "operator": _op_name(man),
+        "title": f"gradsight curvature report: {model.get('id') or data.run_dir.name}",
+        "operator": op_name(man),
         "groups": [(str(g), int(n)) for g, n in groups.items()],
-        "settings": _settings(man),
+        "settings": settings(man),
         "notes": data.notes,
         "findings": curvature_findings(data),
         "eigen_rows": eigen_rows(data),
@@ -477,28 +369,51 @@ def build_curvature_context(data: CurvatureData) -> dict:
         "fig_density": fig("density", density_figure(data)),
         "fig_trace": fig("trace", trace_figure(data)),
         "fig_stability": fig("stability", stability_figure(data)),
-        "landscape_figs": land,
-        "landscape_objective": (man.get("landscape") or {}).get("objective") or "the run's objective",
-        "landscape_kind": (man.get("landscape") or {}).get("kind"),
         "figures": registry.items,
     }
 
 
-def render_curvature_html(run_dir: Path | str, out: Path | str | None = None) -> Path:
-    """Render RUN/report.html (or `out`) of a curvature or landscape run; returns the written path."""
+def render(run_dir: Path | str, out: Path | str | None = None) -> Path:
+    """Render RUN/report.html (or `out`) of a curvature run; returns the written path."""
     data = load_curvature(run_dir)
-    page = _env().get_template("curvature.html").render(**build_curvature_context(data))
-    out_path = Path(out) if out is not None else Path(run_dir) / "report.html"
-    _atomic_write(out_path, page)
-    return out_path
+    return render_page("curvature.html", build_context(data), out_path(run_dir, out), search=(HERE,))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # terminal
 
 
-def print_curvature_summary(run_dir: Path | str, console=None) -> None:
-    """Findings, the eigenvalue and trace tables (and stability) of a curvature or landscape run.
+def print_head(data: CurvatureData, console) -> None:
+    """The first lines of a curvature or landscape summary: the run, model and data, and the notes."""
+    from rich.text import Text
+
+    man = data.manifest
+    model = man.get("model") or {}
+    console.print(Text.assemble((f"gradsight {data.analysis} run ", "bold"), (str(data.run_dir), "cyan")))
+    console.print(Text("model ", style="dim") + Text(str(model.get("id") or "(unknown)")))
+    console.print(Text("data  ", style="dim") + Text(str((man.get("data") or {}).get("path") or "(unknown)")))
+    for note in data.notes:
+        console.print(Text("note: ", style="dim") + Text(note))
+
+
+def print_tail(data: CurvatureData, findings: list[dict], console) -> None:
+    """The last lines of a curvature or landscape summary: the findings and the report path."""
+    from rich.text import Text
+
+    for f in findings:
+        console.print(Text(f["title"], style="bold cyan"))
+        for line in f["lines"]:
+            console.print(Text("  " + line))
+    rp = data.run_dir / "report.html"
+    line = Text("report ", style="dim")
+    line.append(str(rp), style="cyan")
+    if not rp.exists():
+        line.append("  (not written yet: gradsight report RUN)", style="dim")
+    console.print(line)
+
+
+def print_summary(run_dir: Path | str, console=None) -> None:
+    """The eigenvalue and trace tables (and stability) and the findings of a curvature run.
 
     User text (scope names, paths) is printed as rich ``Text``, never parsed as markup.
     """
@@ -507,16 +422,10 @@ def print_curvature_summary(run_dir: Path | str, console=None) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    run_dir = Path(run_dir)
     console = console or Console()
     data = load_curvature(run_dir)
     man = data.manifest
-    model = man.get("model") or {}
-    console.print(Text.assemble((f"gradsight {data.analysis} run ", "bold"), (str(run_dir), "cyan")))
-    console.print(Text("model ", style="dim") + Text(str(model.get("id") or "(unknown)")))
-    console.print(Text("data  ", style="dim") + Text(str((man.get("data") or {}).get("path") or "(unknown)")))
-    for note in data.notes:
-        console.print(Text("note: ", style="dim") + Text(note))
+    print_head(data, console)
 
     def table(*cols: str) -> Table:
         t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
@@ -529,7 +438,7 @@ def print_curvature_summary(run_dir: Path | str, console=None) -> None:
         t = table("scope", "params", "top eigenvalues", "bottom", "converged", "products")
         for r in rows[:40]:
             t.add_row(Text(r["scope"]), r["n_params"], r["top"], r["bottom"], r["converged"], r["n_products"])
-        console.print(Text(f"{_op_name(man)} eigenvalues", style="bold"))
+        console.print(Text(f"{op_name(man)} eigenvalues", style="bold"))
         console.print(t)
     trs = trace_rows(data)
     if trs:
@@ -544,13 +453,4 @@ def print_curvature_summary(run_dir: Path | str, console=None) -> None:
             t.add_row(Text(r["scope"]), r["lr_lmax"], r["lr_trace"], Text(r["stable"], style="" if r["stable"] == "yes"
                                                                             else "bold red"))
         console.print(t)
-    for f in curvature_findings(data):
-        console.print(Text(f["title"], style="bold cyan"))
-        for line in f["lines"]:
-            console.print(Text("  " + line))
-    rp = run_dir / "report.html"
-    line = Text("report ", style="dim")
-    line.append(str(rp), style="cyan")
-    if not rp.exists():
-        line.append("  (not written yet: gradsight report RUN)", style="dim")
-    console.print(line)
+    print_tail(data, curvature_findings(data), console)
