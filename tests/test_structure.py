@@ -80,3 +80,24 @@ def test_command_line_start_stays_light():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "", f"`import gradsight.cli` pulls in {p.stdout.strip()}"
+
+
+def test_public_names_are_not_shadowed_by_submodules():
+    """Importing a submodule sets an attribute of its package: a function named like a module file would be
+    replaced by the module (gradsight.select vs a select.py). After importing everything, every public name of
+    the front and of each analysis package is still what it says (the analyses package is callable)."""
+    import importlib
+    import pkgutil
+    import types
+
+    import gradsight
+
+    for m in pkgutil.walk_packages(gradsight.__path__, "gradsight."):
+        if not m.name.endswith("__main__"):
+            importlib.import_module(m.name)
+    packages = [gradsight] + [importlib.import_module(f"gradsight.analyses.{n}") for n in gradsight.analyses()
+                              if importlib.util.find_spec(f"gradsight.analyses.{n}") is not None]
+    for pkg in packages:
+        for name in pkg.__all__:
+            obj = getattr(pkg, name)
+            assert not isinstance(obj, types.ModuleType) or callable(obj), f"{pkg.__name__}.{name} is a module"

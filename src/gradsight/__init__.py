@@ -23,7 +23,7 @@ import importlib
 
 # Lazy public front: `import gradsight` (and the report / CLI paths that don't need torch) stays cheap.
 _EXPORTS = {
-    "analyze": ".runs.api", "open_run": ".runs.api", "analyses": ".runs.api",
+    "analyze": ".runs.api", "open_run": ".runs.api",
     "Analysis": ".runs.registry", "register": ".runs.registry",
     "LayersConfig": ".analyses.layers", "run_layers": ".analyses.layers", "layers_of": ".analyses.layers",
     "GeometryConfig": ".analyses.geometry", "run_geometry": ".analyses.geometry",
@@ -33,7 +33,7 @@ _EXPORTS = {
     "LandscapeConfig": ".analyses.landscape", "run_landscape": ".analyses.landscape",
     "landscape_of": ".analyses.landscape",
     "SummaryOptions": ".config", "EncodeOptions": ".config",
-    "capture": ".capture", "loop_grads": ".capture", "FactoredGrad": ".capture", "DenseGrad": ".capture",
+    "loop_grads": ".capture", "FactoredGrad": ".capture", "DenseGrad": ".capture",
     "Measure": ".measures.base", "combine": ".measures.base", "backward_step": ".measures.step",
     "ProjectionSpec": ".measures.projection", "Projector": ".measures.projection",
     "batch_spectra": ".measures.spectra", "spectral_stats": ".measures.spectra",
@@ -44,6 +44,8 @@ _EXPORTS = {
 
 
 def __getattr__(name):
+    if name == "analyses":  # the package of the analyses; calling it lists them (see analyses/__init__.py)
+        return importlib.import_module(".analyses", __name__)
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     raise AttributeError(f"module 'gradsight' has no attribute {name!r}")

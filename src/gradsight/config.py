@@ -357,7 +357,7 @@ def leaves(cls: type) -> Iterator[Leaf]:
                 if g.name not in omit:
                     yield Leaf(g.name, f.name, f.metadata["title"], g, ghints[g.name])
         else:
-            yield Leaf(f.name, None, getattr(cls, "title", cls.__name__), f, hints[f.name])
+            yield Leaf(f.name, None, getattr(cls, "title", cls.__name__.removesuffix("Config")), f, hints[f.name])
 
 
 def semantic_dict(cfg) -> dict:

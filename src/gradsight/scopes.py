@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping, Sequence
 
+from .inputs.models import ModelError
+
 __all__ = ["Scope", "SCOPE_COLUMNS", "SCOPE_TYPES", "scopes_of", "weight_scopes", "module_scopes"]
 
 SCOPE_COLUMNS = ["scope", "scope_type", "kind", "block"]
@@ -95,8 +97,6 @@ def weight_scopes(layers: Iterable, types: Sequence[str], param_names: Sequence[
     layers = [_info(li) for li in layers]
     for li in layers:
         if f"{li['name']}.weight" not in have:
-            from .inputs.models import ModelError
-
             raise ModelError(f"layer {li['name']!r} has no trainable weight parameter; exclude it (--exclude)")
     return [replace(s, params=tuple(dict.fromkeys(f"{n}.weight" for n in s.layers))) for s in scopes_of(layers, types)]
 

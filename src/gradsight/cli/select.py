@@ -21,7 +21,7 @@ def select(
                                             "with ranks and scores is written next to it"),
 ):
     """Write the chosen example ids (record id, plus :term for multi-term records)."""
-    from ..analyses.geometry.select import select as select_units
+    from ..analyses.geometry.selection import select as select_units
     from ..runs.store import atomic_write_text, write_parquet
     from .options import split_csv
 

@@ -22,11 +22,12 @@ from .base import Measure
 __all__ = ["MomentAccumulator", "moments", "as_f64", "ratio"]
 
 
-def as_f64(F) -> torch.Tensor:
+def as_f64(F, what: str = "gradients") -> torch.Tensor:
+    """(n, D) float64 CPU tensor from a tensor / array / nested list (`what` names the rows in the error)."""
     t = torch.as_tensor(F) if not isinstance(F, torch.Tensor) else F
     t = t.detach().to(device="cpu", dtype=torch.float64)
     if t.dim() != 2:
-        raise ValueError(f"gradients must be a 2-D (n, D) array, got shape {tuple(t.shape)}")
+        raise ValueError(f"{what} must be a 2-D (n, D) array, got shape {tuple(t.shape)}")
     return t
 
 

@@ -30,7 +30,7 @@ __all__ = [
     "isnan", "finite", "fmt_num", "fmt_int", "fmt_p", "fmt_pct", "fmt_ci", "na", "skip_reason_counts",
     "ptext", "script_json", "slug", "order", "hex_rgba", "read_table", "str_cols", "flatten", "key_config",
     "clip_text", "Subplots", "figure", "floats", "env", "plotly_js", "plotly_js_version", "FigureRegistry",
-    "run_context", "out_path", "render_page", "table_section", "render_tables_page",
+    "run_context", "out_path", "render_page", "table_section", "render_tables_page", "report_path_line",
 ]
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"  # the partials shared by every page
@@ -466,3 +466,15 @@ def render_tables_page(run_dir: Path | str, out: Path | str | None = None, *, an
            "findings": list(findings), "tables": list(tables), "figure_list": figure_list, "notes": list(notes),
            "figures": registry.items}
     return render_page("tables.html", ctx, out_path(run_dir, out))
+
+
+def report_path_line(run_dir: Path | str):
+    """The last line of every terminal summary: where the page is (or how to write it)."""
+    from rich.text import Text
+
+    rp = Path(run_dir) / "report.html"
+    line = Text("report ", style="dim")
+    line.append(str(rp), style="cyan")
+    if not rp.exists():
+        line.append("  (not written yet: gradsight report RUN)", style="dim")
+    return line

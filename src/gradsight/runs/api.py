@@ -17,7 +17,7 @@ from . import registry
 from .engine import run as engine_run
 from .store import read_manifest
 
-__all__ = ["run_lm", "run_module", "analyze", "open_run", "analyses", "config_for"]
+__all__ = ["run_lm", "run_module", "analyze", "open_run", "config_for"]
 
 
 def run_lm(name: str, cfg, out: str | Path, *, model: Any = None, tokenizer: Any = None, records: Any = None,
@@ -57,7 +57,9 @@ def run_module(name: str, model, loss, batches, out: str | Path, *, groups: Sequ
 
     spec = registry.get(name)
     batches, dtype = check_module_inputs(model, batches, name)
-    cfg = spec.Config(model=type(model).__name__, data="<in-memory>", dtype=dtype, device="cpu", **options)
+    base = {"model": type(model).__name__, "data": "<in-memory>", "dtype": dtype, "device": "cpu"}
+    cfg = spec.Config(**{k: v for k, v in base.items() if k in spec.Config.options() and k not in options},
+                      **options)
     source = module_source(model, loss, batches, groups=groups, forward=forward, name=name_in_report,
                            what=name, **(extras or {}))
     return engine_run(spec, cfg, out, source, progress=progress, report=report, log=log)
@@ -109,8 +111,3 @@ def open_run(path: str | Path) -> Any:
     """A finished (or partial) run as its analysis' result object (LayersResult, GeometryResult, ...)."""
     man = read_manifest(Path(path))
     return registry.get(man.get("analysis", "layers")).open(Path(path), None)
-
-
-def analyses() -> list[str]:
-    """The names of the registered analyses."""
-    return registry.names()

@@ -30,7 +30,7 @@ import pandas as pd
 from . import distributed as dist_
 from .progress import Progress, RunLog
 from .registry import Analysis, Plan, Unit
-from .store import Layout, RunStore, Tensors, concat_tables, versions
+from .store import Layout, RunStore, concat_tables, versions
 from ..config import config_hash, semantic_dict
 
 __all__ = ["run", "open_store"]
@@ -47,7 +47,7 @@ def open_store(spec: Analysis, cfg, out: Path, source, plan: Plan, info: dist_.D
     if spec.identity is not None:
         identity.update(spec.identity(cfg, source, plan))
     meta = {"analysis": spec.name, "config": cfg.to_dict(), "config_hash": config_hash(identity),
-            **source.meta, "versions": versions(), "seed": cfg.seed, "world_size": info.world_size}
+            **source.meta, "versions": versions(), "seed": getattr(cfg, "seed", None), "world_size": info.world_size}
     if spec.meta is not None:
         meta.update(spec.meta(cfg, source, plan))
     store = RunStore(out, info.rank, info.world_size, layout=layout_of(spec))
@@ -134,7 +134,7 @@ def run(spec: Analysis, cfg, out: str | Path, source_fn: Callable[[Any, dist_.Di
         if info.is_main or spec.collective_summary:
             tables = spec.summarize(out, cfg, info)
         if info.is_main:
-            fields = {"finished": True}
+            fields = {"finished": True, "config": cfg.to_dict()}  # the options of the last (re)run
             if not finished_before:  # a rerun that computed nothing keeps the run's own time
                 fields["elapsed_s"] = round(time.perf_counter() - t0, 1)
             if (out / "examples.parquet").exists():
@@ -189,11 +189,3 @@ def _compute_all(spec: Analysis, cfg, plan: Plan, store: RunStore, todo: list[Un
             bar.advance(len(units), what=str(units[-1].key) if spec.collective else "")
         flush()
 
-
-def describe(spec: Analysis) -> dict:
-    """A registered analysis in a few fields (for `gradsight.analyses()` and docs)."""
-    return {"name": spec.name, "help": spec.help.split("\n")[0], "tables": list(spec.tables),
-            "inputs": list(spec.inputs), "collective": spec.collective}
-
-
-__all__ += ["describe", "Tensors"]

@@ -9,6 +9,7 @@ register its own analyses the same way; `gradsight.analyses()` lists what is reg
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +17,7 @@ from typing import Any, Callable
 __all__ = ["Analysis", "ReportSpec", "Plan", "Unit", "register", "get", "names", "load_builtin",
            "BUILTIN", "UnknownAnalysis", "lazy"]
 
-# the analyses shipped with gradsight, in the order of the command line
+# the order of the first analyses on the command line; every folder of gradsight/analyses/ is found by itself
 BUILTIN = ("layers", "geometry", "curvature", "landscape")
 
 
@@ -176,16 +177,14 @@ def register(spec: Analysis, *, replace: bool = False) -> Analysis:
 
 
 def load_builtin() -> None:
-    """Import the built-in analyses' folders (each registers itself)."""
-    for name in BUILTIN:
-        if name not in _REGISTRY:
-            importlib.import_module(f"gradsight.analyses.{name}")
+    """Import every folder of gradsight/analyses/ (each registers itself): a new folder needs no other edit."""
+    for mod in pkgutil.iter_modules(importlib.import_module("gradsight.analyses").__path__):
+        if mod.ispkg and not mod.name.startswith("_"):
+            importlib.import_module(f"gradsight.analyses.{mod.name}")
 
 
 def get(name: str) -> Analysis:
-    """The registered analysis `name` (built-ins are loaded on first use)."""
-    if name not in _REGISTRY and name in BUILTIN:
-        importlib.import_module(f"gradsight.analyses.{name}")
+    """The registered analysis `name` (the shipped ones are loaded on first use)."""
     if name not in _REGISTRY:
         load_builtin()
     if name not in _REGISTRY:
@@ -194,6 +193,6 @@ def get(name: str) -> Analysis:
 
 
 def names() -> list[str]:
-    """Registered analysis names: the built-ins first, then others in registration order."""
+    """Registered analysis names: layers, geometry, curvature, landscape, then the others in registration order."""
     load_builtin()
     return [n for n in BUILTIN if n in _REGISTRY] + [n for n in _REGISTRY if n not in BUILTIN]

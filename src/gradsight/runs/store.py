@@ -264,6 +264,7 @@ class RunStore:
         self.rank = rank
         self.world_size = world_size
         self.layout = layout or Layout()
+        self._seq: int | None = None
 
     # identity -------------------------------------------------------------------------------------------
     def open(self, identity: dict, extra: dict) -> dict:
@@ -335,10 +336,17 @@ class RunStore:
         return out
 
     def next_key(self) -> str:
-        """This rank's next commit key "r{rank}-{seq:05d}" (after every shard of any table it wrote)."""
-        seqs = [int(m.group(2)) for t in self.layout.tables for k in self.layout.shards(self.path, t)
-                if (m := _RANK_KEY.match(k)) and int(m.group(1)) == self.rank]
-        return f"r{self.rank}-{1 + max(seqs, default=-1):05d}"
+        """This rank's next commit key "r{rank}-{seq:05d}" (after every shard of any table it wrote).
+
+        The directory is scanned once; later keys count on from there (this process is the only writer of
+        its rank's shards)."""
+        if self._seq is None:
+            seqs = [int(m.group(2)) for t in self.layout.tables for k in self.layout.shards(self.path, t)
+                    if (m := _RANK_KEY.match(k)) and int(m.group(1)) == self.rank]
+            self._seq = 1 + max(seqs, default=-1)
+        key = f"r{self.rank}-{self._seq:05d}"
+        self._seq += 1
+        return key
 
     def write(self, table: str, key: str, value: Any) -> None:
         """One shard: a DataFrame as parquet, Tensors as safetensors (unit ids as "__idx__")."""

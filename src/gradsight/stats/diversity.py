@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from gradsight.capture.linalg import eigvalsh
+from gradsight.measures.moments import as_f64
 
 __all__ = [
     "vendi_from_eigenvalues",
@@ -54,12 +55,7 @@ _BATCH_BYTES = 64 * 2**20  # memory budget of one batch of eigenproblems
 
 
 def _as_f64(F) -> torch.Tensor:
-    """(n, D) float64 CPU tensor from a tensor / array / nested list."""
-    t = torch.as_tensor(F) if not isinstance(F, torch.Tensor) else F
-    t = t.detach().to(device="cpu", dtype=torch.float64)
-    if t.dim() != 2:
-        raise ValueError(f"features must be a 2-D (n, D) array, got shape {tuple(t.shape)}")
-    return t
+    return as_f64(F, "features")
 
 
 def _unit_rows(F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

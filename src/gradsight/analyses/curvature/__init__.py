@@ -14,7 +14,7 @@ Python:
 from __future__ import annotations
 
 from ...runs.registry import Analysis, ReportSpec, lazy, register
-from .config import OPERATORS, CurvatureConfig
+from .config import OBJECTIVE, OPERATORS, CurvatureConfig
 
 __all__ = ["CurvatureConfig", "OPERATORS", "run_curvature", "curvature_of", "load_eigenvectors", "SPEC"]
 
@@ -22,8 +22,6 @@ load_eigenvectors = lazy("gradsight.analyses.curvature.compute:load_eigenvectors
 
 
 def _loss_meta(cfg) -> dict:
-    from .compute import OBJECTIVE
-
     return {"objective": OBJECTIVE, "mode": "eval", "dtype": cfg.dtype}
 
 

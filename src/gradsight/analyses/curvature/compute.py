@@ -43,6 +43,7 @@ from ...inputs.module import loss_name
 from ...runs.registry import Plan, Unit
 from ...runs.store import Tensors, read_manifest
 from ...scopes import Scope, module_scopes, weight_scopes
+from .config import OBJECTIVE
 
 __all__ = ["setup", "compute", "finish", "meta", "identity", "scope_tables", "operator_for", "curvature_meta",
            "load_eigenvectors", "OBJECTIVE", "EIGVEC_FILE", "TABLES", "check_dtype", "train_mode_note"]
@@ -51,7 +52,6 @@ EIGVEC_FILE = "eigenvectors.safetensors"
 TABLES = ("eigenvalues", "trace", "density", "slq_nodes", "spectral_criteria")
 BULK_QUANTILE = 0.5  # bulk reference of the outlier rule: the median of the SLQ measure
 DENSITY_BINS = 1000
-OBJECTIVE = "token-mean cross-entropy over all supervised tokens of the data set (pooled across examples)"
 _ORDER = ("model", "block", "kind", "layer")
 
 

@@ -8,9 +8,10 @@ from ...config import (Batching, EncodeOptions, LayerSelection, Objective, RunOp
                        csv_tuple, group, option)
 from ...scopes import SCOPE_TYPES
 
-__all__ = ["CurvatureConfig", "OPERATORS"]
+__all__ = ["CurvatureConfig", "OPERATORS", "OBJECTIVE"]
 
 OPERATORS = ("hessian", "ggn", "fisher_true", "fisher_mc", "fisher_empirical")
+OBJECTIVE = "token-mean cross-entropy over all supervised tokens of the data set (pooled across examples)"
 
 
 @config

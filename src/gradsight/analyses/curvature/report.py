@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ...report.kit import (
+    report_path_line,
     KIND_ORDER,
     PALETTE,
     FigureRegistry,
@@ -404,12 +405,7 @@ def print_tail(data: CurvatureData, findings: list[dict], console) -> None:
         console.print(Text(f["title"], style="bold cyan"))
         for line in f["lines"]:
             console.print(Text("  " + line))
-    rp = data.run_dir / "report.html"
-    line = Text("report ", style="dim")
-    line.append(str(rp), style="cyan")
-    if not rp.exists():
-        line.append("  (not written yet: gradsight report RUN)", style="dim")
-    console.print(line)
+    console.print(report_path_line(data.run_dir))
 
 
 def print_summary(run_dir: Path | str, console=None) -> None:

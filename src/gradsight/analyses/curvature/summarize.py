@@ -23,6 +23,7 @@ from ...curvature.lanczos import stability
 from ...runs.store import read_manifest, write_parquet
 from ...scopes import SCOPE_COLUMNS
 from .compute import TABLES
+from .report import render
 
 __all__ = ["summarize", "CurvatureResult", "open_curvature"]
 
@@ -91,8 +92,6 @@ class CurvatureResult:
         return self.tables["trace"]
 
     def report(self) -> Path:
-        from .report import render
-
         return render(self.path)
 
 

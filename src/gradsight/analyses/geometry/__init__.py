@@ -15,16 +15,14 @@ Python:
 from __future__ import annotations
 
 from ...runs.registry import Analysis, ReportSpec, lazy, register
-from .config import FeatureOptions, GeometryConfig
+from .config import SUM_ROLES, FeatureOptions, GeometryConfig
 
 __all__ = ["GeometryConfig", "FeatureOptions", "run_geometry", "geometry_of", "select", "SPEC"]
 
-select = lazy("gradsight.analyses.geometry.select:select")
+select = lazy("gradsight.analyses.geometry.selection:select")
 
 
 def _meta(cfg, source, plan) -> dict:
-    from .compute import SUM_ROLES
-
     return {"geometry": {"mode": "exact" if cfg.exact else "projected",
                          "projection": {"r_in": cfg.r_in, "r_out": cfg.r_out, "r_dense": cfg.r_dense,
                                         "kind": cfg.proj_kind, "seed": cfg.seed},

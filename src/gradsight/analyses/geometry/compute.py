@@ -36,11 +36,11 @@ from ...measures.spectra import sq_norms, spectra, spectra_frame
 from ...measures.step import backward_step
 from ...runs.registry import Plan, Unit
 from ...runs.store import Tensors, write_safetensors
+from .config import SUM_ROLES
 
 __all__ = ["LossTerm", "expand_units", "unit_labels", "setup", "compute", "MODEL_KEY", "SUM_ROLES"]
 
 MODEL_KEY = "__model__"  # whole-model feature in the feature shards
-SUM_ROLES = ("pair", "rollout")  # log-probability terms: sequence sums
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ from ...measures.projection import ProjectionSpec
 from ...config import (Batching, EncodeOptions, LayerSelection, LossOptions, RunOptions, SpectraOptions,
                        SummaryOptions, check_choices, check_positive, config, group, option)
 
-__all__ = ["GeometryConfig", "FeatureOptions"]
+__all__ = ["GeometryConfig", "FeatureOptions", "SUM_ROLES"]
+
+SUM_ROLES = ("pair", "rollout")  # log-probability terms: sequence sums
 
 
 @dataclass(frozen=True)

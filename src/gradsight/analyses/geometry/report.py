@@ -22,6 +22,7 @@ from typing import Iterable, Mapping
 import pandas as pd
 
 from ...report.kit import (
+    report_path_line,
     FigureRegistry,
     clip_text,
     finite,
@@ -624,9 +625,4 @@ def print_summary(run_dir: Path | str, console=None) -> None:
                       r["share_other"], r["ratio"])
         console.print(t)
 
-    rp = run_dir / "report.html"
-    line = Text("report ", style="dim")
-    line.append(str(rp), style="cyan")
-    if not rp.exists():
-        line.append("  (not written yet: gradsight.report.render_html(run_dir))", style="dim")
-    console.print(line)
+    console.print(report_path_line(run_dir))

@@ -29,6 +29,7 @@ from ...stats.diversity import GVendiAccumulator, marginal_contributions
 from ...stats.noise import noise_scale_ci, per_layer_noise
 from .compute import MODEL_KEY, unit_labels
 from .config import GeometryConfig
+from .report import render
 
 __all__ = ["summarize", "scope_tables", "model_features", "GeometryResult", "open_geometry", "MAX_LOO", "TABLES"]
 
@@ -300,8 +301,6 @@ class GeometryResult:
     tables: dict[str, pd.DataFrame] | None
 
     def report(self) -> Path:
-        from .report import render
-
         return render(self.path)
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 
 from ...runs.store import read_manifest, write_parquet
 from .compute import read_points
+from .report import render
 
 __all__ = ["summarize", "LandscapeRunResult", "open_landscape"]
 
@@ -40,8 +41,6 @@ class LandscapeRunResult:
     meta: dict = field(default_factory=dict)
 
     def report(self) -> Path:
-        from .report import render
-
         return render(self.path)
 
 

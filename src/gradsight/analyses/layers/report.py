@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ...report.kit import (
+    report_path_line,
     clip_text,
     flatten,
     fmt_int,
@@ -656,9 +657,4 @@ def print_summary(run_dir: Path | str, console: Console | None = None) -> None:
         console.print(Text("Only one group: no between-group tests.", style="dim"))
 
     # ---- report path ------------------------------------------------------------------------------------
-    rp = run_dir / "report.html"
-    line = Text("report ", style="dim")
-    line.append(str(rp), style="cyan")
-    if not rp.exists():
-        line.append("  (not written yet: gradsight.report.render_html(run_dir))", style="dim")
-    console.print(line)
+    console.print(report_path_line(run_dir))

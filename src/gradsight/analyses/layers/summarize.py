@@ -14,6 +14,7 @@ import pandas as pd
 from ...runs.store import merge_shards, read_examples, read_layer_stats, read_manifest, write_parquet
 from ...stats.compare import summarize as compare_groups
 from .config import LayersConfig
+from .report import render
 
 __all__ = ["summarize", "LayersResult", "open_layers"]
 
@@ -51,8 +52,6 @@ class LayersResult:
         return read_layer_stats(self.path)
 
     def report(self) -> Path:
-        from .report import render
-
         return render(self.path)
 
 
