@@ -14,7 +14,6 @@ For each analysis (run with its `quick` options on a tiny random Llama, float64)
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess

@@ -15,7 +15,7 @@ import torch
 import gradsight
 from gradsight.analyses import layers as pipeline
 from gradsight.analyses.layers import LayersConfig
-from gradsight.analyses.layers import compute as layers_compute
+from gradsight.inputs import examples as example_inputs
 from gradsight.demo.problems import demo_records
 from gradsight.inputs.data import DataError, EncodeOptions
 from gradsight.runs import store
@@ -153,7 +153,7 @@ def test_non_finite_gradient_is_flagged_and_counted(tmp_path, monkeypatch):
             return torch.where(victim, _NanGrad.apply(out), out)
         return fn
 
-    monkeypatch.setattr(layers_compute, "loss_fn_for", lambda m, r: poisoned(r))
+    monkeypatch.setattr(example_inputs, "loss_fn_for", lambda m, r: poisoned(r))
     res = gradsight.analyze_layers(recs, tmp_path / "run", model=model, tokenizer=tok, progress=False,
                                    report=True, max_length=256)
     ex = res.examples

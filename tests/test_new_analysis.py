@@ -17,15 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from gradsight.config import Batching, EncodeOptions, LayerSelection, RunOptions, config, group, option
 from gradsight.inputs.data import encode
-from gradsight.inputs.lm import bad_record_row, batches_of, collate_units, example_row
-from gradsight.inputs.losses import loss_fn_for
-from gradsight.inputs.module import batch_rows, module_rows, row_batches, row_losses, take_rows
+from gradsight.inputs.examples import (example_batches, example_losses, example_step, example_units, layer_modules,
+                                       unit_group)
+from gradsight.inputs.lm import bad_record_row, example_row
 from gradsight.measures.spectra import sq_norms
-from gradsight.measures.step import backward_step
 from gradsight.report import kit
 from gradsight.runs.registry import Analysis, Plan, ReportSpec, Unit, register
 from gradsight.runs.store import merge_shards, read_manifest, write_parquet
@@ -45,43 +43,27 @@ class GradNormConfig:
 
 
 def setup(cfg, source, info) -> Plan:
-    mods = dict(source.model.named_modules())
-    state = {"source": source, "modules": {li.name: mods[li.name] for li in source.layers}}
-    if source.kind == "lm":
-        units = [Unit(r.idx, (r, e), ready=e.ok) for r in source.records
-                 for e in [encode(r, source.tokenizer, cfg.encode)]]
-        units += [Unit(int(d["idx"]), (d, None), ready=False) for d in source.bad]
-        state["losses"] = loss_fn_for(source.model)
-        return Plan(sorted(units, key=lambda u: u.key), state,
-                    batches=lambda us: batches_of(us, lambda u: u.payload[1], cfg.token_budget, cfg.max_batch))
-    state["losses"] = row_losses(source.loss, source.forward)
-    return Plan([Unit(i, row) for i, row in enumerate(module_rows(source))], state, batches=row_batches)
+    """One unit per example: an LM record (encoded; bad ones flagged) or a row of a module's batches."""
+    entries = [(r.idx, r, encode(r, source.tokenizer, cfg.encode)) for r in source.records]
+    units = example_units(source, entries, [(int(d["idx"]), d) for d in source.bad])
+    return Plan(units, {"source": source, "modules": layer_modules(source), "losses": example_losses(source)},
+                batches=example_batches(source, cfg))
 
 
 def compute(plan: Plan, units: list[Unit]) -> dict:
+    """One captured forward/backward; the `sq_norms` measure gives each example's norm per layer."""
     st, src = plan.state, plan.state["source"]
-    if not units[0].ready:
+    if not units[0].ready:  # records that failed to parse or encode: flagged rows, no forward
         return {"examples": pd.DataFrame([bad_record_row(u.payload[0]) if u.payload[1] is None else
                                           example_row(*u.payload, "skipped", u.payload[1].reason, np.nan)
                                           for u in units])}
-    if src.kind == "lm":
-        batch = collate_units([u.payload[1] for u in units], src.pad_id, src.device)
-        step = backward_step(src.model, st["modules"], batch, st["losses"], tokens=batch["attention_mask"])
-        rows = [example_row(*u.payload, "ok" if p not in step.bad else "skipped", step.bad.get(p, ""),
-                            float(step.losses[p])) for p, u in enumerate(units)]
-        groups = [u.payload[0].group for u in units]
-    else:
-        b = src.batches[units[0].payload["batch"]]
-        idx = torch.tensor([u.payload["row"] for u in units])
-        step = backward_step(src.model, st["modules"], b if len(units) == batch_rows(b) else take_rows(b, idx),
-                             st["losses"])
-        rows = [dict(u.payload["row_meta"], status="ok" if p not in step.bad else "skipped",
-                     reason=step.bad.get(p, ""), loss=float(step.losses[p])) for p, u in enumerate(units)]
-        groups = [u.payload["group"] for u in units]
+    step = example_step(src, units, st["modules"], st["losses"])
+    status = [("ok", "") if p not in step.bad else ("skipped", step.bad[p]) for p in range(len(units))]
+    rows = [dict(u.payload["row_meta"], status=s, reason=r, loss=float(step.losses[p])) if isinstance(u.payload, dict)
+            else example_row(*u.payload, s, r, float(step.losses[p])) for p, (u, (s, r)) in enumerate(zip(units, status))]
     norms = sq_norms()(step)
-    keep = step.keep
-    frame = pd.DataFrame([{"idx": units[p].key, "group": groups[p], "layer": name,
-                           "norm": float(v[p].double().sqrt())} for name, v in norms.items() for p in keep])
+    frame = pd.DataFrame([{"idx": units[p].key, "group": unit_group(units[p]), "layer": name,
+                           "norm": float(v[p].double().sqrt())} for name, v in norms.items() for p in step.keep])
     return {"norms": frame, "examples": pd.DataFrame(rows)}
 
 

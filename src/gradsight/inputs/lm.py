@@ -76,7 +76,7 @@ def param_fingerprint(model) -> str:
 
 
 def lm_source(model: Any = None, tokenizer: Any = None, records: Any = None, *, terms: bool = False,
-              select: bool = True, loss_meta: Callable[[Any], dict] | None = None):
+              loss_meta: Callable[[Any], dict] | None = None):
     """An LM input adapter bound to in-memory objects (None: load them from the config).
 
     Args:
@@ -105,7 +105,7 @@ def lm_source(model: Any = None, tokenizer: Any = None, records: Any = None, *, 
         was_training = bool(m.training)
         m.to(device).eval()
         layers = select_layers(m, kinds=cfg.kinds or None, blocks=cfg.blocks, pattern=cfg.pattern,
-                               exclude=cfg.exclude) if select else []
+                               exclude=cfg.exclude)
         meta = {"model": {"id": model_id, "fingerprint": model_fp, "class": type(m).__name__,
                           "n_blocks": 1 + max((li.block for li in layers), default=-1),
                           "layers": [li.to_dict() for li in layers]},

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["causal_lm_losses", "masked_lm_losses", "loss_fn_for"]
+__all__ = ["causal_lm_losses", "masked_lm_losses", "loss_fn_for", "loss_block"]
 
 # Causal LMs whose forward is exactly `lm_head(base_model(...))` (no logit scaling or soft-capping):
 # for these the head is applied only at supervised positions, which skips most of the vocabulary GEMM.
@@ -92,3 +92,10 @@ def loss_fn_for(model: nn.Module, reduction: str = "mean"):
             "bert", "roberta", "distilbert", "electra", "deberta", "deberta-v2"}:
         return lambda m, b: masked_lm_losses(m, b, reduction)
     return lambda m, b: causal_lm_losses(m, b, reduction)
+
+
+def loss_block(cfg) -> dict:
+    """The manifest's "loss" block of a per-example LM analysis (layers, geometry): how each example's loss is
+    defined and computed."""
+    return {"reduction": cfg.reduction, "loss_on": cfg.loss_on, "mode": "eval", "dtype": cfg.dtype,
+            "stat_dtype": "float64"}

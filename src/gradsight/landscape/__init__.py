@@ -71,4 +71,12 @@ __all__ = [
     "grid_2d",
     "interpolate",
     "recompute_bn_stats",
+    "check_batch_points",
+    "coefficients",
+    "evaluate_points",
+    "interpolation_barrier",
+    "NORMS",
+    "AUTO_PROBE",
+    "AUTO_CHUNK",
+    "AUTO_MAX_BYTES",
 ]

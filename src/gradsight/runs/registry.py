@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["Analysis", "ReportSpec", "Plan", "Unit", "register", "get", "names", "load_builtin",
-           "BUILTIN", "UnknownAnalysis", "lazy"]
+           "BUILTIN", "UnknownAnalysis", "lazy", "folder"]
 
 # the order of the first analyses on the command line; every folder of gradsight/analyses/ is found by itself
 BUILTIN = ("layers", "geometry", "curvature", "landscape")
@@ -161,6 +161,21 @@ def lazy(target: str) -> Callable:
 
     call.__name__, call.__qualname__, call.target = attr, target, target
     return call
+
+
+def folder(package: str) -> dict:
+    """The parts of an analysis laid out as a folder, by convention (lazily imported on first use):
+
+        compute.py    setup(cfg, source, info) -> Plan;  compute(plan, units) -> tables
+        summarize.py  summarize(run_dir, cfg, info) -> tables;  result(run_dir, tables) -> result object
+        report.py     render(run_dir, out=None) -> Path;  print_summary(run_dir, console=None)
+
+    Use as ``Analysis(name=..., Config=..., **folder(__name__), tables=...)``.
+    """
+    return {"setup": lazy(f"{package}.compute:setup"), "compute": lazy(f"{package}.compute:compute"),
+            "summarize": lazy(f"{package}.summarize:summarize"), "open": lazy(f"{package}.summarize:result"),
+            "report": ReportSpec(render=lazy(f"{package}.report:render"),
+                                 summary=lazy(f"{package}.report:print_summary"))}
 
 
 _REGISTRY: dict[str, Analysis] = {}

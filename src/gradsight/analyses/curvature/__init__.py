@@ -13,7 +13,7 @@ Python:
 
 from __future__ import annotations
 
-from ...runs.registry import Analysis, ReportSpec, lazy, register
+from ...runs.registry import Analysis, folder, lazy, register
 from .config import OBJECTIVE, OPERATORS, CurvatureConfig
 
 __all__ = ["CurvatureConfig", "OPERATORS", "run_curvature", "curvature_of", "load_eigenvectors", "SPEC"]
@@ -31,12 +31,7 @@ SPEC = register(Analysis(
     help="Curvature of the loss: top/bottom eigenvalues (Lanczos), trace (Hutch++), spectral density (SLQ), "
          "spectral criteria and gradient-descent stability, for the whole layer selection and per "
          "block/kind/layer.",
-    setup=lazy("gradsight.analyses.curvature.compute:setup"),
-    compute=lazy("gradsight.analyses.curvature.compute:compute"),
-    summarize=lazy("gradsight.analyses.curvature.summarize:summarize"),
-    open=lazy("gradsight.analyses.curvature.summarize:open_curvature"),
-    report=ReportSpec(render=lazy("gradsight.analyses.curvature.report:render"),
-                      summary=lazy("gradsight.analyses.curvature.report:print_summary")),
+    **folder(__name__),
     tables=("eigenvectors", "trace", "density", "slq_nodes", "spectral_criteria", "eigenvalues"),
     unit_column="scope",
     layout={"eigenvectors": "tensors/eigenvectors", "*": "scopes/{key}.{table}"},

@@ -25,7 +25,7 @@ from ...scopes import SCOPE_COLUMNS
 from .compute import TABLES
 from .report import render
 
-__all__ = ["summarize", "CurvatureResult", "open_curvature"]
+__all__ = ["summarize", "CurvatureResult", "result"]
 
 
 def summarize(run: Path | str, cfg=None, info=None) -> dict[str, pd.DataFrame]:
@@ -95,7 +95,7 @@ class CurvatureResult:
         return render(self.path)
 
 
-def open_curvature(run: Path | str, tables: dict | None = None) -> CurvatureResult:
+def result(run: Path | str, tables: dict | None = None) -> CurvatureResult:
     run = Path(run)
     if tables is None:
         tables = {n: pd.read_parquet(run / f"{n}.parquet") for n in (*TABLES, "stability")

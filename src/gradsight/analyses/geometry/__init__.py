@@ -14,7 +14,8 @@ Python:
 
 from __future__ import annotations
 
-from ...runs.registry import Analysis, ReportSpec, lazy, register
+from ...inputs.losses import loss_block
+from ...runs.registry import Analysis, folder, lazy, register
 from .config import SUM_ROLES, FeatureOptions, GeometryConfig
 
 __all__ = ["GeometryConfig", "FeatureOptions", "run_geometry", "geometry_of", "select", "SPEC"]
@@ -36,27 +37,17 @@ def _check(cfg, info) -> None:
                          "(or use projected features, the default)")
 
 
-def _loss_meta(cfg) -> dict:
-    return {"reduction": cfg.reduction, "loss_on": cfg.loss_on, "mode": "eval", "dtype": cfg.dtype,
-            "stat_dtype": "float64"}
-
-
 SPEC = register(Analysis(
     name="geometry",
     Config=GeometryConfig,
     help="Gradient geometry: group / term alignment and conflict, entanglement of preference pairs, PSR/NSR of "
          "rewarded rollouts, G-Vendi diversity, gradient noise scale and a per-example score table.",
-    setup=lazy("gradsight.analyses.geometry.compute:setup"),
-    compute=lazy("gradsight.analyses.geometry.compute:compute"),
-    summarize=lazy("gradsight.analyses.geometry.summarize:summarize"),
-    open=lazy("gradsight.analyses.geometry.summarize:open_geometry"),
-    report=ReportSpec(render=lazy("gradsight.analyses.geometry.report:render"),
-                      summary=lazy("gradsight.analyses.geometry.report:print_summary")),
+    **folder(__name__),
     tables=("features", "layer_stats", "examples"),
     collective_summary=True,
     noun="units",
     loss_terms=True,
-    loss_meta=_loss_meta,
+    loss_meta=loss_block,
     meta=_meta,
     check=_check,
     recompute=("n_boot",),

@@ -28,12 +28,11 @@ import pandas as pd
 import torch
 
 from ...inputs.data import Encoded, Record, encode
-from ...inputs.lm import Source, batches_of, collate_units
-from ...inputs.losses import loss_fn_for
-from ...inputs.module import batch_rows, module_rows, row_batches, row_losses, take_rows
+from ...inputs.examples import (example_batches, example_losses, example_step, example_units, layer_modules,
+                                unit_group)
+from ...inputs.lm import Source
 from ...measures.projection import ExactGramAccumulator, Projector, projection
 from ...measures.spectra import sq_norms, spectra, spectra_frame
-from ...measures.step import backward_step
 from ...runs.registry import Plan, Unit
 from ...runs.store import Tensors, write_safetensors
 from .config import SUM_ROLES
@@ -115,7 +114,7 @@ class GeometryState:
     source: Source
     cfg: Any
     modules: dict
-    losses_fn: Callable
+    losses: Callable
     features: Any           # the projection measure
     spectra: Any            # spectra measure or None
     norms: Any              # squared-norm measure
@@ -124,51 +123,37 @@ class GeometryState:
 
 
 def setup(cfg, source: Source, info) -> Plan:
-    modules = dict(source.model.named_modules())
+    """One unit per loss term of every record (bad records take one flagged unit), or per module row."""
+    terms, bad_rows = expand_units(source.records, source.bad)
+    entries = [(t.idx, t, replace(encode(t.as_record(), source.tokenizer, cfg.encode), idx=t.idx)) for t in terms]
+    units = example_units(source, entries, [(d["idx"], d) for d in bad_rows])
     maker = projection(Projector(cfg.projection(), dtype=torch.float32), cfg.r_model, model_key=MODEL_KEY)
-    st = GeometryState(source, cfg, {li.name: modules[li.name] for li in source.layers}, None, maker,
+    st = GeometryState(source, cfg, layer_modules(source), example_losses(source, "sum" if source.kind == "lm"
+                                                                          else "mean"), maker,
                        spectra(route=cfg.route, erank_weights=cfg.erank_weights, rel_tol=cfg.rel_tol)
                        if cfg.spectra else None, sq_norms(),
                        ExactGramAccumulator() if cfg.exact else None,
                        torch.float16 if cfg.feature_dtype == "float16" else torch.float32)
-    if source.kind == "lm":
-        terms, bad_rows = expand_units(source.records, source.bad)
-        units = [Unit(t.idx, (t, e), ready=e.ok) for t in terms
-                 for e in [replace(encode(t.as_record(), source.tokenizer, cfg.encode), idx=t.idx)]]
-        units += [Unit(d["idx"], (d, None), ready=False) for d in bad_rows]
-        units.sort(key=lambda u: u.key)
-        st.losses_fn = loss_fn_for(source.model, "sum")
-        batches = lambda us: batches_of(us, lambda u: u.payload[1], cfg.token_budget, cfg.max_batch)  # noqa: E731
-    else:
-        units = [Unit(i, row) for i, row in enumerate(module_rows(source))]
-        st.losses_fn = row_losses(source.loss, source.forward)
-        batches = row_batches
-    return Plan(units, st, batches=batches, revisit_done=cfg.exact, finish=finish)
+    return Plan(units, st, batches=example_batches(source, cfg), revisit_done=cfg.exact, finish=finish)
+
+
+def _scale(cfg) -> Callable:
+    """Per-unit loss factor: pair sides and rollouts keep the sequence sum (log-probability), the others are
+    token means unless reduction is 'sum'."""
+    return lambda t, e: 1.0 if (t.role in SUM_ROLES or cfg.reduction == "sum") else 1.0 / e.n_target
 
 
 def compute(plan: Plan, units: list[Unit]) -> dict[str, Any]:
     st: GeometryState = plan.state
     cfg, src = st.cfg, st.source
-    if src.kind == "lm" and not units[0].ready:
+    if not units[0].ready:
         rows = [bad_unit_row(u.payload[0]) if u.payload[1] is None else
                 unit_row(u.payload[0], u.payload[1], "skipped", u.payload[1].reason, float("nan"), float("nan"))
                 for u in units if u.key not in plan.done]
         return {"examples": pd.DataFrame(rows)} if rows else {}
     idx = [u.key for u in units]
-    if src.kind == "lm":
-        terms, encs = [u.payload[0] for u in units], [u.payload[1] for u in units]
-        batch = collate_units(encs, src.pad_id, src.device)
-        scale = torch.tensor([1.0 if (t.role in SUM_ROLES or cfg.reduction == "sum") else 1.0 / e.n_target
-                              for t, e in zip(terms, encs)], dtype=torch.float64, device=src.device)
-        step = backward_step(src.model, st.modules, batch, st.losses_fn, tokens=batch["attention_mask"],
-                             scale=scale, ids=idx)
-        groups = [t.record.group for t in terms]
-    else:
-        b = units[0].payload["batch"]
-        rows_ = torch.tensor([u.payload["row"] for u in units], dtype=torch.long)
-        batch = src.batches[b] if len(units) == batch_rows(src.batches[b]) else take_rows(src.batches[b], rows_)
-        step = backward_step(src.model, st.modules, batch, st.losses_fn, ids=idx)
-        groups = [u.payload["group"] for u in units]
+    step = example_step(src, units, st.modules, st.losses, scale=_scale(cfg) if src.kind == "lm" else None,
+                        ids=idx)
     feats = st.features(step)
     stats = st.spectra(step) if st.spectra is not None else None
     if stats is not None:  # the spectra already hold ||M_e||_F
@@ -183,20 +168,20 @@ def compute(plan: Plan, units: list[Unit]) -> dict[str, Any]:
     keep = [p for p in new if p not in step.bad]
     out: dict[str, Any] = {}
     if stats is not None:
-        out["layer_stats"] = spectra_frame(stats, src.layers, keep, idx, groups)
+        out["layer_stats"] = spectra_frame(stats, src.layers, keep, idx, [unit_group(u) for u in units])
     out["features"] = Tensors({k: v[new].to(st.fdtype) for k, v in feats.items()}, ids=[idx[p] for p in new],
                               metadata={"feature_dtype": cfg.feature_dtype})
     rows = []
     for p in new:
-        ok = p not in step.bad
-        if src.kind == "lm":
-            rows.append(unit_row(units[p].payload[0], units[p].payload[1], "ok" if ok else "skipped",
-                                 "" if ok else step.bad[p], float(step.losses[p]), float(sq[p]) if ok else float("nan")))
+        ok, u = p not in step.bad, units[p]
+        status, reason = ("ok", "") if ok else ("skipped", step.bad[p])
+        loss, sq_p = float(step.losses[p]), float(sq[p]) if ok else float("nan")
+        if isinstance(u.payload, dict):  # a module row: one plain term
+            meta = u.payload["row_meta"]
+            rows.append(dict(meta, status=status, reason=reason, loss=loss, record_idx=meta["idx"], term="loss",
+                             role="loss", reward=float("nan"), sq_norm=sq_p))
         else:
-            meta = units[p].payload["row_meta"]
-            rows.append(dict(meta, status="ok" if ok else "skipped", reason="" if ok else step.bad[p],
-                             loss=float(step.losses[p]), record_idx=meta["idx"], term="loss", role="loss",
-                             reward=float("nan"), sq_norm=float(sq[p]) if ok else float("nan")))
+            rows.append(unit_row(u.payload[0], u.payload[1], status, reason, loss, sq_p))
     out["examples"] = pd.DataFrame(rows)
     return out
 

@@ -31,7 +31,7 @@ from .compute import MODEL_KEY, unit_labels
 from .config import GeometryConfig
 from .report import render
 
-__all__ = ["summarize", "scope_tables", "model_features", "GeometryResult", "open_geometry", "MAX_LOO", "TABLES"]
+__all__ = ["summarize", "scope_tables", "model_features", "GeometryResult", "result", "MAX_LOO", "TABLES"]
 
 MAX_LOO = 3000  # leave-one-out G-Vendi contributions above this many units would take minutes
 TABLES = ("group_cosines", "pairs", "coherence", "terms", "entanglement", "entanglement_summary", "psr_nsr",
@@ -304,7 +304,7 @@ class GeometryResult:
         return render(self.path)
 
 
-def open_geometry(run: Path | str, tables: dict | None = None) -> GeometryResult:
+def result(run: Path | str, tables: dict | None = None) -> GeometryResult:
     """The GeometryResult of a run directory (tables read from it unless given)."""
     run = Path(run)
     if tables is None:

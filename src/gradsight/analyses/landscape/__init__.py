@@ -11,7 +11,7 @@ Python:
 
 from __future__ import annotations
 
-from ...runs.registry import Analysis, ReportSpec, lazy, register
+from ...runs.registry import Analysis, folder, lazy, register
 from .config import LandscapeConfig
 
 __all__ = ["LandscapeConfig", "run_landscape", "landscape_of", "SPEC"]
@@ -23,12 +23,7 @@ SPEC = register(Analysis(
          "(--kind hessian --from-curvature RUN), principal components of a checkpoint trajectory (--kind pca "
          "--trajectory A,B,...), the gradient direction (--kind gradient), or linear interpolation towards "
          "another model (--kind interpolate --to MODEL).",
-    setup=lazy("gradsight.analyses.landscape.compute:setup"),
-    compute=lazy("gradsight.analyses.landscape.compute:compute"),
-    summarize=lazy("gradsight.analyses.landscape.summarize:summarize"),
-    open=lazy("gradsight.analyses.landscape.summarize:open_landscape"),
-    report=ReportSpec(render=lazy("gradsight.analyses.landscape.report:render"),
-                      summary=lazy("gradsight.analyses.landscape.report:print_summary")),
+    **folder(__name__),
     tables=("points",),
     unit_column="point",
     layout={"*": "points/{key}"},

@@ -7,10 +7,10 @@ import numpy as np
 from ...config import (Batching, EncodeOptions, LayerSelection, Objective, RunOptions, config, csv_tuple, group,
                        option)
 
-__all__ = ["LandscapeConfig", "KINDS", "NORMS"]
+__all__ = ["LandscapeConfig", "KINDS", "NORM_CHOICES"]
 
 KINDS = ("random", "hessian", "interpolate", "pca", "gradient")
-NORMS = ("filter", "layer", "weight", "dfilter", "dlayer", "none")
+NORM_CHOICES = ("filter", "layer", "weight", "dfilter", "dlayer", "none")
 
 
 @config
@@ -41,7 +41,7 @@ class LandscapeConfig:
     trajectory: tuple[str, ...] = option((), "kind pca: earlier checkpoints of the model in training order "
                                              "(comma-separated model specs; the model itself is the final point)")
     norm: str = option("filter", "random direction normalisation: filter, layer, weight, dfilter, dlayer, none",
-                       choices=NORMS)
+                       choices=NORM_CHOICES)
 
     def __post_init__(self):
         object.__setattr__(self, "trajectory", csv_tuple(self.trajectory))
@@ -59,7 +59,7 @@ class LandscapeConfig:
             raise ValueError("kind interpolate needs --to MODEL (the other end of the segment)")
         if self.kind == "pca" and not self.trajectory:
             raise ValueError("kind pca needs --trajectory CKPT1,CKPT2,... (earlier checkpoints of the model)")
-        if self.norm not in NORMS:
+        if self.norm not in NORM_CHOICES:
             raise ValueError(f"norm must be filter, layer, weight, dfilter, dlayer or none; got {self.norm!r}")
 
     def axis(self):

@@ -17,7 +17,7 @@ from ...runs.store import read_manifest, write_parquet
 from .compute import read_points
 from .report import render
 
-__all__ = ["summarize", "LandscapeRunResult", "open_landscape"]
+__all__ = ["summarize", "LandscapeRunResult", "result"]
 
 
 def summarize(run: Path | str, cfg=None, info=None) -> dict[str, pd.DataFrame]:
@@ -44,7 +44,7 @@ class LandscapeRunResult:
         return render(self.path)
 
 
-def open_landscape(run: Path | str, tables: dict | None = None) -> LandscapeRunResult:
+def result(run: Path | str, tables: dict | None = None) -> LandscapeRunResult:
     run = Path(run)
     frame = tables["landscape"] if tables is not None else pd.read_parquet(run / "landscape.parquet")
     return LandscapeRunResult(run, frame, read_manifest(run).get("landscape") or {})

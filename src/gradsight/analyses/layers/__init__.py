@@ -14,30 +14,21 @@ Python:
 
 from __future__ import annotations
 
-from ...runs.registry import Analysis, ReportSpec, lazy, register
+from ...inputs.losses import loss_block
+from ...runs.registry import Analysis, folder, register
 from .config import LayersConfig
 
 __all__ = ["LayersConfig", "run_layers", "layers_of", "SPEC"]
-
-
-def _loss_meta(cfg) -> dict:
-    return {"reduction": cfg.reduction, "loss_on": cfg.loss_on, "mode": "eval", "dtype": cfg.dtype,
-            "stat_dtype": "float64"}
 
 
 SPEC = register(Analysis(
     name="layers",
     Config=LayersConfig,
     help="Per-example, per-layer gradient norms and spectra, compared across the data's groups.",
-    setup=lazy("gradsight.analyses.layers.compute:setup"),
-    compute=lazy("gradsight.analyses.layers.compute:compute"),
-    summarize=lazy("gradsight.analyses.layers.summarize:summarize"),
-    open=lazy("gradsight.analyses.layers.summarize:open_layers"),
-    report=ReportSpec(render=lazy("gradsight.analyses.layers.report:render"),
-                      summary=lazy("gradsight.analyses.layers.report:print_summary")),
+    **folder(__name__),
     tables=("layer_stats", "examples"),
     noun="examples",
-    loss_meta=_loss_meta,
+    loss_meta=loss_block,
     recompute=("reference", "n_boot", "n_perm"),
     quick={"n_boot": 50, "n_perm": 50, "max_batch": 2, "flush_every": 1},
 ))

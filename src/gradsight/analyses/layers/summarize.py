@@ -16,7 +16,7 @@ from ...stats.compare import summarize as compare_groups
 from .config import LayersConfig
 from .report import render
 
-__all__ = ["summarize", "LayersResult", "open_layers"]
+__all__ = ["summarize", "LayersResult", "result"]
 
 
 def summarize(run: Path | str, cfg: LayersConfig | None = None, info=None) -> dict[str, pd.DataFrame]:
@@ -55,7 +55,7 @@ class LayersResult:
         return render(self.path)
 
 
-def open_layers(run: Path | str, tables: dict | None = None) -> LayersResult:
+def result(run: Path | str, tables: dict | None = None) -> LayersResult:
     """The LayersResult of a run directory (tables read from it unless given)."""
     run = Path(run)
     if tables is not None:
