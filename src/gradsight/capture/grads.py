@@ -71,9 +71,17 @@ class FactoredGrad:
             self._cache["K_g"] = linalg.gram(self.G) * m
         return self._cache["K_g"]
 
-    def sq_norms(self) -> torch.Tensor:
-        """(B,) float64 squared Frobenius norms of the per-example gradients."""
-        return (self.K_a() * self.K_g()).sum(dim=(-1, -2))
+    def sq_norms(self, route: str = "auto", shared: "linalg.InputGrams | None" = None) -> torch.Tensor:
+        """(B,) float64 squared Frobenius norms of the per-example gradients.
+
+        Per example by the cheaper of the ghost sum(K_a * K_g) and ||G^T A||_F^2 at its real length
+        (`linalg.factored_sq_norms`; route "auto", "ghost" or "dense"); when this object already holds both
+        padded Grams (K_a(), K_g()), the ghost sum over them is free and used. shared: the InputGrams of A
+        (K_a shared with the other layers reading A).
+        """
+        if route in ("auto", "ghost") and "K_a" in self._cache and "K_g" in self._cache:
+            return (self._cache["K_a"] * self._cache["K_g"]).sum(dim=(-1, -2))
+        return linalg.factored_sq_norms(self.A, self.G, tokens=self.tokens, route=route, shared=shared)
 
     def inner(self, other: "FactoredGrad") -> torch.Tensor:
         """(B, B') float64 inner products between this batch's and other's per-example gradients."""
@@ -82,21 +90,15 @@ class FactoredGrad:
         return linalg.factored_inner(self.masked(self.A), self.masked(self.G),
                                      other.masked(other.A), other.masked(other.G))
 
-    def singular_values(self, L_a: torch.Tensor | None = None, route: str = "auto") -> torch.Tensor:
-        """(B, k) float64 singular values per example, descending (zero padded).
+    def singular_values(self, route: str = "auto", shared: "linalg.InputGrams | None" = None) -> torch.Tensor:
+        """(B, r) float64 singular values per example, descending, r = min(T, d_in, d_out) (zero padded).
 
-        route: "gram" (T x T eigenproblem), "dense" (materialise + svdvals) or "auto" (cheaper one).
+        Each example by its own route at its real length (`linalg.singular_values`): "auto" (the cheapest
+        eigenproblem by `linalg.spectra_costs`), "gram" (T x T), "out" (d_out x d_out), "in" (d_in x d_in) or
+        "dense" (materialise + svdvals). shared: the InputGrams of A, to share K_a and its Cholesky factor with
+        the other layers reading the same input (q/k/v, gate/up).
         """
-        T, d_in, d_out = self.A.shape[1], self.A.shape[-1], self.G.shape[-1]
-        if route == "auto":
-            route = "gram" if linalg.prefer_gram_route(T, d_in, d_out) else "dense"
-        if route == "gram":
-            if L_a is None:
-                L_a = linalg.sym_sqrt_factor(self.K_a(), self.tokens)
-            return linalg.factored_singular_values(self.A, self.G, self.tokens, L_a=L_a, K_g=self.K_g())
-        if route == "dense":
-            return linalg.dense_singular_values(self.materialize(torch.float64))
-        raise ValueError(f"unknown route {route!r}; expected 'auto', 'gram' or 'dense'")
+        return linalg.singular_values(self.A, self.G, self.tokens, route=route, shared=shared)
 
     def project(self, P_in: torch.Tensor, P_out: torch.Tensor) -> torch.Tensor:
         """(B, r_out, r_in) Kronecker projection P_out M_e P_in^T (M_e in (d_out, d_in) orientation)."""
@@ -144,7 +146,10 @@ class DenseGrad:
     def inner(self, other: "DenseGrad") -> torch.Tensor:
         return self.g.double().flatten(1) @ other.g.double().flatten(1).T
 
-    def singular_values(self, L_a=None, route: str = "auto") -> torch.Tensor:
+    def singular_values(self, route: str = "auto", shared=None) -> torch.Tensor:
+        """(B, k) float64 singular values by svdvals of the materialised gradients (route and shared ignored)."""
+        if route not in linalg.ROUTES:
+            raise ValueError(f"unknown route {route!r}; expected one of {linalg.ROUTES}")
         g = self.g.double()
         if g.dim() == 2:  # vector parameter: a single singular value, its norm
             return g.norm(dim=1, keepdim=True)

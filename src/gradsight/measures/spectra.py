@@ -16,17 +16,20 @@ All in float64. A zero gradient has undefined ratios: sigma1_ratio, erank and st
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections import Counter
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 import torch
 
+from ..capture import linalg
 from ..capture.grads import DenseGrad, FactoredGrad
 from .base import Measure, stateless
 
-__all__ = ["METRICS", "spectral_stats", "batch_spectra", "spectra", "sq_norms", "spectra_frame"]
+__all__ = ["METRICS", "spectral_stats", "batch_spectra", "batch_sq_norms", "shared_inputs", "spectra", "sq_norms",
+           "spectra_frame"]
 
 METRICS = ("frobenius", "nuclear", "spectral", "sigma1_ratio", "erank", "stable_rank")
 
@@ -68,36 +71,57 @@ def spectral_stats(s: torch.Tensor, erank_weights: str = "sv", rel_tol: float = 
     }
 
 
+def _input_key(g: FactoredGrad) -> tuple:
+    return (g.A.data_ptr(), tuple(g.A.shape), g.A.stride(), g.A.dtype)
+
+
+def shared_inputs(grads: Mapping[str, FactoredGrad | DenseGrad]) -> Iterator[tuple[str, object, object]]:
+    """(name, grad, InputGrams or None) over `grads`, one InputGrams per distinct input tensor of the factored
+    layers (q/k/v, gate/up read one), its `share` the number of layers reading it. Each InputGrams is
+    released after the last layer that reads it, so at most the inputs in flight hold their K_a / factors."""
+    keys = {name: _input_key(g) for name, g in grads.items() if isinstance(g, FactoredGrad)}
+    left = Counter(keys.values())
+    held: dict[tuple, linalg.InputGrams] = {}
+    for name, g in grads.items():
+        if name not in keys:
+            yield name, g, None
+            continue
+        k = keys[name]
+        if k not in held:
+            held[k] = linalg.InputGrams(g.A, g.tokens, share=left[k])
+        yield name, g, held[k]
+        left[k] -= 1
+        if left[k] == 0:
+            del held[k]
+
+
 def batch_spectra(grads: Mapping[str, FactoredGrad | DenseGrad], route: str = "auto",
                   erank_weights: str = "sv", rel_tol: float = 0.0) -> dict[str, dict[str, torch.Tensor]]:
     """{layer: {metric: (B,)}} for one captured batch.
 
-    Layers that read the same input tensor (q/k/v, gate/up) share one Cholesky factor of K_a = A A^T.
-    Vector parameters (DenseGrad of a 1-D weight) get only the Frobenius norm.
+    route: one of `linalg.ROUTES` ("auto", "gram", "out", "in", "dense"); per example and layer, "auto" takes
+    the cheapest eigenproblem by `linalg.spectra_costs` at the example's real length. Layers that read the same
+    input tensor (q/k/v, gate/up) share one `linalg.InputGrams`: each example's K_a = A A^T and its Cholesky
+    factor are computed once for all of them (and the cost model amortises them over the sharing layers).
+    DenseGrad layers use svdvals; vector parameters (DenseGrad of a 1-D weight) get only the Frobenius norm.
     """
-    factors: dict[tuple, torch.Tensor] = {}
+    if route not in linalg.ROUTES:
+        raise ValueError(f"unknown route {route!r}; expected one of {linalg.ROUTES}")
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for name, g in grads.items():
+    for name, g, shared in shared_inputs(grads):
         if isinstance(g, DenseGrad) and g.g.dim() == 2:
             out[name] = {"frobenius": g.sq_norms().sqrt()}
             continue
-        L_a = None
-        if isinstance(g, FactoredGrad) and route != "dense":
-            T, d_in, d_out = g.A.shape[1], g.A.shape[-1], g.G.shape[-1]
-            from ..capture import linalg
-
-            if route == "gram" or linalg.prefer_gram_route(T, d_in, d_out):
-                key = (g.A.data_ptr(), tuple(g.A.shape), g.A.stride())
-                if key not in factors:
-                    factors[key] = linalg.sym_sqrt_factor(g.K_a(), g.tokens)
-                L_a = factors[key]
-                s = g.singular_values(L_a=L_a, route="gram")
-            else:
-                s = g.singular_values(route="dense")
-        else:
-            s = g.singular_values(route=route)
+        s = g.singular_values(route=route, shared=shared) if shared is not None else g.singular_values(route=route)
         out[name] = spectral_stats(s, erank_weights, rel_tol)
     return out
+
+
+def batch_sq_norms(grads: Mapping[str, FactoredGrad | DenseGrad]) -> dict[str, torch.Tensor]:
+    """{layer: (B,)} squared per-example norms; factored layers per example by the cheaper of the ghost and
+    the materialised route (`linalg.norm_costs`), sharing K_a across layers that read the same input."""
+    return {name: g.sq_norms(shared=shared) if shared is not None else g.sq_norms()
+            for name, g, shared in shared_inputs(grads)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -112,7 +136,7 @@ def spectra(route: str = "auto", erank_weights: str = "sv", rel_tol: float = 0.0
 
 def sq_norms() -> Measure:
     """Per-example squared gradient norms: out = {layer: (B,)} (Frobenius of G_e^T A_e, float64 for factors)."""
-    return stateless("sq_norms", lambda step: {name: g.sq_norms() for name, g in step.grads.items()})
+    return stateless("sq_norms", lambda step: batch_sq_norms(step.grads))
 
 
 def spectra_frame(stats: Mapping[str, Mapping[str, torch.Tensor]], layers: Sequence, keep: Sequence[int],
