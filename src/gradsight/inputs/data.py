@@ -60,6 +60,7 @@ __all__ = [
     "encode",
     "prompt_ids",
     "make_batches",
+    "BatchCost",
     "collate",
     "fingerprint",
 ]
@@ -741,49 +742,7 @@ def encode(record: Record, tokenizer: Any, opts: EncodeOptions | None = None) ->
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Batching
+# Batching lives in inputs/batching.py (the cost model and its calibration); records, encoding and batching are
+# one pipeline, so its entry points are importable from here too.
 
-
-def make_batches(encoded: Sequence[Encoded], token_budget: int = 8192, max_batch: int = 64) -> list[list[int]]:
-    """Length-bucketed batches of indices into ``encoded`` (ok examples only).
-
-    Sorted by length descending (ties by idx), then filled greedily while
-    ``batch_size * longest_in_batch <= token_budget`` (the padded size) and ``batch_size <= max_batch``.
-    An example longer than the budget gets a batch of its own. Deterministic; every ok example appears once.
-    """
-    if token_budget < 1 or max_batch < 1:
-        raise ValueError(f"token_budget and max_batch must be >= 1, got {token_budget}, {max_batch}")
-    order = sorted(
-        (i for i, e in enumerate(encoded) if e.status == "ok"),
-        key=lambda i: (-len(encoded[i].input_ids), encoded[i].idx, i),
-    )
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        longest = len(encoded[cur[0]].input_ids) if cur else 0  # sorted: the first is the longest
-        if cur and (len(cur) + 1 > max_batch or (len(cur) + 1) * longest > token_budget):
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
-
-
-def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors: input_ids (B, T) long, attention_mask (B, T) long, target_mask (B, T) bool."""
-    if not batch:
-        raise ValueError("collate: empty batch")
-    for e in batch:
-        if e.status != "ok" or not e.input_ids:
-            raise ValueError(f"collate: example {e.idx} is {e.status} ({e.reason or 'no tokens'})")
-    B, T = len(batch), max(len(e.input_ids) for e in batch)
-    input_ids = torch.full((B, T), int(pad_id), dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)  # (B, T)
-    target_mask = torch.zeros((B, T), dtype=torch.bool)  # (B, T)
-    for b, e in enumerate(batch):
-        n = len(e.input_ids)
-        input_ids[b, :n] = torch.tensor(e.input_ids, dtype=torch.long)
-        attention_mask[b, :n] = 1
-        target_mask[b, :n] = torch.tensor(e.target_mask, dtype=torch.bool)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask}
+from .batching import BatchCost, collate, make_batches  # noqa: E402

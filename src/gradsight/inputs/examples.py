@@ -19,7 +19,7 @@ import torch
 
 from ..measures.step import Step, backward_step
 from ..runs.registry import Unit
-from .lm import Source, batches_of, collate_units
+from .lm import Source, batch_cost, batches_of, collate_units
 from .losses import loss_fn_for
 from .module import batch_rows, module_rows, row_batches, row_losses, take_rows
 
@@ -46,7 +46,8 @@ def example_batches(source: Source, cfg) -> Callable[[list[Unit]], Iterable[list
     rows of each of the module's batches."""
     if source.kind == "module":
         return row_batches
-    return lambda units: batches_of(units, lambda u: u.payload[1], cfg.token_budget, cfg.max_batch)
+    cost = batch_cost(cfg, source)
+    return lambda units: batches_of(units, lambda u: u.payload[1], cfg.token_budget, cfg.max_batch, cost)
 
 
 def example_losses(source: Source, reduction: str = "mean") -> Callable:

@@ -6,8 +6,9 @@ device, moves the model there in eval mode and selects the layers. The `Source` 
 run's identity parts (model fingerprint, data hash) and the manifest's model/data/loss blocks.
 
 `batches_of` is the length-bucketed batching every per-example analysis shares: the units that cannot be
-computed (bad records, encoding skips) come first as one batch of flagged rows, then token-budget batches of
-the rest.
+computed (bad records, encoding skips) come first as one batch of flagged rows, then batches of the rest, the
+cheapest composition by the cost model of the model and device (`batch_cost`; ``--batch-by budget``: filled up
+to the token budget).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..runs import distributed as dist_
+from .batching import BatchCost, model_cost
 from .data import DataError, Encoded, Record, collate, encode, fingerprint, load_records, make_batches
 from .models import LayerInfo, load_model, model_fingerprint, select_layers
 
-__all__ = ["Source", "lm_source", "batches_of", "collate_units", "param_fingerprint", "example_row",
+__all__ = ["Source", "lm_source", "batch_cost", "batches_of", "collate_units", "param_fingerprint", "example_row",
            "bad_record_row", "pooled_batches"]
 
 
@@ -124,15 +126,24 @@ def collate_units(encoded: Sequence[Encoded], pad_id: int, device) -> dict[str, 
     return {k: v.to(device) for k, v in collate(encoded, pad_id).items()}
 
 
+def batch_cost(cfg, source: Source) -> BatchCost | None:
+    """The cost model of the run's batches: `model_cost` of the source's model on its device when
+    ``cfg.batch_by == "cost"`` (None: fill batches up to the token budget)."""
+    if getattr(cfg, "batch_by", "budget") != "cost":
+        return None
+    return model_cost(source.model, source.device)
+
+
 def batches_of(units: list, encoded_of: Callable[[Any], Encoded], token_budget: int,
-               max_batch: int) -> Iterator[list]:
-    """The flagged (not ready) units as one batch, then length-bucketed batches of the ready ones."""
+               max_batch: int, cost: BatchCost | None = None) -> Iterator[list]:
+    """The flagged (not ready) units as one batch, then length-bucketed batches of the ready ones (the cheapest
+    composition under `cost`, see `make_batches`)."""
     flagged = [u for u in units if not u.ready]
     if flagged:
         yield flagged
     ready = [u for u in units if u.ready]
     enc = [encoded_of(u) for u in ready]
-    for b in make_batches(enc, token_budget=token_budget, max_batch=max_batch):
+    for b in make_batches(enc, token_budget=token_budget, max_batch=max_batch, cost=cost):
         yield [ready[i] for i in b]
 
 
@@ -168,7 +179,8 @@ def pooled_batches(cfg, source: Source, info: dist_.DistInfo) -> tuple[list[dict
                          "least one (use more data or fewer processes)")
     mine = dist_.shard(ok, info)
     batches = [collate_units([mine[i] for i in b], source.pad_id, source.device)
-               for b in make_batches(mine, token_budget=cfg.token_budget, max_batch=cfg.max_batch)]
+               for b in make_batches(mine, token_budget=cfg.token_budget, max_batch=cfg.max_batch,
+                                     cost=batch_cost(cfg, source))]
     group = {r.idx: r.group for r in recs}
     groups: dict[str, int] = {}
     for e in ok:
