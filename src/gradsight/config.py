@@ -168,19 +168,24 @@ class Batching:
 
     token_budget: int = option(4096, "max padded tokens per batch (length-bucketed)", resume=False)
     max_batch: int = option(32, "max examples per batch", resume=False)
+    batch_by: str = option("cost", "batch composition: cost (a cost model of the model and device: similar "
+                                   "lengths together, very long sequences alone) or budget (fill each batch up "
+                                   "to the token budget)", choices=("cost", "budget"), resume=False)
     flush_every: int = option(4, "write a result shard every N batches (a killed run loses at most these)",
                               resume=False)
 
     def __post_init__(self):
         check_positive(self, "token_budget", "max_batch", "flush_every")
+        check_choices(self)
 
 
 @dataclass(frozen=True)
 class SpectraOptions:
     """Singular values"""
 
-    route: str = option("auto", "singular values: auto, gram (T x T eigenproblem) or dense (materialise)",
-                        choices=("auto", "gram", "dense"))
+    route: str = option("auto", "singular values: auto (the cheapest eigenproblem per example and layer), gram "
+                                "(T x T), out (d_out x d_out), in (d_in x d_in) or dense (materialise + svdvals)",
+                        choices=("auto", "gram", "out", "in", "dense"))
     erank_weights: str = option("sv", "effective-rank weights: sv (p ~ s, the paper's code) or energy (p ~ s^2)",
                                 choices=("sv", "energy"))
     rel_tol: float = option(0.0, "drop singular values below rel_tol * s1 before ratios (0 keeps all)")
