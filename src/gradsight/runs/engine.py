@@ -30,7 +30,7 @@ import pandas as pd
 from . import distributed as dist_
 from .progress import Progress, RunLog
 from .registry import Analysis, Plan, Unit
-from .store import Layout, RunStore, concat_tables, versions
+from .store import Layout, RunStore, check_run_dir, concat_tables, versions
 from ..config import config_hash, semantic_dict
 
 __all__ = ["run", "open_store"]
@@ -91,6 +91,7 @@ def run(spec: Analysis, cfg, out: str | Path, source_fn: Callable[[Any, dist_.Di
         the analysis' result object (`spec.open`).
     """
     out = Path(out)
+    check_run_dir(out)
     with dist_.session() as info:
         t0 = time.perf_counter()
         if spec.check is not None:

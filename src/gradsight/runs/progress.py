@@ -1,15 +1,18 @@
 """Progress of a run: one bar with rate and ETA in the terminal, the same lines in RUN/log.txt.
 
 `Progress` is used by the engine for every analysis (units done / total, units per second, time left) and
-by anything else that loops for a long time. The terminal bar is rich's (rank 0, only when asked for);
-the log file gets a line at the start, about every `every_s` seconds and at the end, so a run that is
-watched with ``tail -f RUN/log.txt`` (or killed and inspected later) tells how far it got.
+by anything else that loops for a long time. On a terminal the bar is rich's (rank 0, only when asked for);
+when stdout is not a terminal (a pipe, a CI log, ``nohup``) it prints a plain line instead, at the start,
+about every `print_every_s` seconds and at the end. The log file gets a line at the start, about every
+`every_s` seconds and at the end, so a run that is watched with ``tail -f RUN/log.txt`` (or killed and
+inspected later) tells how far it got.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -57,17 +60,22 @@ class Progress:
         bar: draw the terminal bar.
         log: a RunLog for the periodic lines (or None).
         every_s: seconds between log lines.
-        clock: time source (tests).
+        print_every_s: seconds between plain lines on a stdout that is not a terminal.
+        clock: time source (tests). stream: where plain lines go (default sys.stdout).
     """
 
     def __init__(self, label: str, total: int, *, done: int = 0, noun: str = "units", bar: bool = False,
-                 log: RunLog | None = None, every_s: float = 30.0, clock: Callable[[], float] = time.perf_counter):
+                 log: RunLog | None = None, every_s: float = 30.0, print_every_s: float = 10.0,
+                 clock: Callable[[], float] = time.perf_counter, stream=None):
         self.label, self.total, self.noun = label, int(total), noun
         self.start_done = self.n = int(done)
-        self.log, self.every_s, self.clock = log, every_s, clock
-        self.t0 = self._last = clock()
+        self.log, self.every_s, self.print_every_s, self.clock = log, every_s, print_every_s, clock
+        self.t0 = self._last = self._last_print = clock()
         self._bar, self._task = None, None
-        self._want_bar = bar
+        self.stream = stream or sys.stdout
+        tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._want_bar = bar and tty
+        self._plain = bar and not tty
 
     def __enter__(self) -> "Progress":
         if self._want_bar:
@@ -82,14 +90,21 @@ class Progress:
             self._task = self._bar.add_task(self.label, total=self.total, completed=self.n, rate="", what="")
         if self.log is not None:
             self.log.write(f"{self.label}: {self.n} of {self.total} {self.noun} done at start", echo=False)
+        if self._plain:
+            self._print(f"{self.label}: {self.n} of {self.total} {self.noun} done at start")
         return self
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.__exit__(*exc)
+        state = "stopped" if exc[0] is not None else "finished"
         if self.log is not None:
-            state = "stopped" if exc[0] is not None else "finished"
             self.log.write(f"{self.label}: {state}: {self.line()}", echo=False)
+        if self._plain:
+            self._print(f"{self.label}: {state}: {self.line()}")
 
     @property
     def rate(self) -> float | None:
@@ -121,6 +136,9 @@ class Progress:
         if self.log is not None and now - self._last >= self.every_s:
             self._last = now
             self.log.write(f"{self.label}: {self.line()}", echo=False)
+        if self._plain and now - self._last_print >= self.print_every_s and self.n < self.total:
+            self._last_print = now
+            self._print(f"{self.label}: {self.line()}" + (f" ({what})" if what else ""))
 
     def working_on(self, what: str) -> None:
         """Show the unit now being computed (long units: curvature scopes)."""

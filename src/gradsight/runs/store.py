@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-__all__ = ["SCHEMA_VERSION", "RunStore", "RunMismatchError", "Layout", "Tensors", "atomic_write_bytes",
+__all__ = ["SCHEMA_VERSION", "RunStore", "RunMismatchError", "check_run_dir", "Layout", "Tensors", "atomic_write_bytes",
            "atomic_write_text", "write_parquet", "write_safetensors", "read_manifest", "read_layer_stats",
            "read_examples", "read_features", "merge_shards", "concat_tables", "versions", "EXAMPLE_COLUMNS"]
 
@@ -40,7 +40,22 @@ EXAMPLE_COLUMNS = ["idx", "id", "group", "source", "status", "reason", "n_tokens
 
 
 class RunMismatchError(RuntimeError):
-    """The run directory holds results of a different configuration."""
+    """The run directory holds results of a different configuration, or cannot be a run directory."""
+
+
+def check_run_dir(path: Path) -> None:
+    """Refuse early (before any model loads) an output that cannot become a run directory: an existing file,
+    or a place where the directory cannot be created (the first existing ancestor is not writable)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunMismatchError(f"{path} is a file, not a run directory; choose another --out")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RunMismatchError(f"cannot create the run directory {path}: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RunMismatchError(f"cannot write the run directory {path}: {probe} is not writable")
 
 
 def _umask_mode() -> int:
