@@ -44,14 +44,15 @@ _EXPORTS = {
 
 
 def __getattr__(name):
-    if name == "analyses":  # the package of the analyses; calling it lists them (see analyses/__init__.py)
-        return importlib.import_module(".analyses", __name__)
+    if name in ("analyses", "capture"):  # callable packages: analyses() lists them, capture(...) records
+        return importlib.import_module(f".{name}", __name__)
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     raise AttributeError(f"module 'gradsight' has no attribute {name!r}")
 
 
-__all__ = ["analyze", "open_run", "analyses", "analyze_layers", "analyze_geometry", *_EXPORTS, "__version__"]
+__all__ = ["analyze", "open_run", "analyses", "capture", "analyze_layers", "analyze_geometry", *_EXPORTS,
+           "__version__"]
 __all__ = list(dict.fromkeys(__all__))
 
 
