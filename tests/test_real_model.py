@@ -61,3 +61,31 @@ def test_engine_equals_per_example_backward_on_real_model(smollm):
         worst = max(worst, rel)
         torch.testing.assert_close(fast[li.name]["sigma1_ratio"], slow["sigma1_ratio"], rtol=1e-3, atol=0)
     assert worst < 1e-4, worst
+
+
+def test_cached_copy_of_the_gguf_model_is_the_gguf_model(smollm, tmp_path, monkeypatch):
+    """The de-quantised copy that `load_model` keeps (safetensors, config, tokenizer) loads the very model the
+    GGUF file gives: every weight, the tokenizer, the chat template and the logits; a second load reads the
+    copy, and GRADSIGHT_CACHE=off reads the GGUF file."""
+    from gradsight.inputs import models
+
+    monkeypatch.setenv("GRADSIGHT_CACHE", str(tmp_path / "cache"))
+    d, gguf = models.resolve_model_path("smollm2-135m-instruct")
+    cache = models.gguf_cache_dir(d, gguf)
+    assert cache.parent == tmp_path / "cache" / "gguf" and not cache.exists()
+    cached, tok_c = load_model("smollm2-135m-instruct")  # reads the GGUF file, writes the copy, loads it
+    assert (cache / "model.safetensors").exists() and not list(cache.parent.glob("*.tmp-*"))
+    monkeypatch.setenv("GRADSIGHT_CACHE", "off")
+    assert models.gguf_cache_dir(d, gguf) is None
+    direct, tok_d = load_model("smollm2-135m-instruct")
+    sd_c, sd_d = cached.state_dict(), direct.state_dict()
+    assert sd_c.keys() == sd_d.keys() and all(torch.equal(sd_c[k], sd_d[k]) for k in sd_c)
+    assert cached.lm_head.weight is cached.model.embed_tokens.weight  # tied, as in the GGUF model
+    msgs = [{"role": "user", "content": "Ann has 3 apples. How many?"}, {"role": "assistant", "content": "3."}]
+    assert tok_c.apply_chat_template(msgs, tokenize=False) == tok_d.apply_chat_template(msgs, tokenize=False)
+    text = "Ann has 3 apples; Bob gives her 17 more. ä ß 😀"
+    assert tok_c(text)["input_ids"] == tok_d(text)["input_ids"]
+    assert (tok_c.pad_token_id, tok_c.eos_token_id) == (tok_d.pad_token_id, tok_d.eos_token_id)
+    ids = tok_d(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(cached(ids).logits, direct(ids).logits)

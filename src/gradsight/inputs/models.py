@@ -12,6 +12,7 @@ query, key, value, attn.dense, intermediate, output for BERT; otherwise the modu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -237,39 +238,104 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch
            "float16": torch.float16}
 
 
-def load_model(spec: str, dtype: str = "float32", attn_implementation: str | None = "sdpa"):
-    """(model in eval mode, tokenizer) for a model spec. Never downloads: local files only."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+def gguf_cache_dir(d: Path, gguf: str) -> Path | None:
+    """Where the de-quantised copy of a GGUF model is kept: ``$GRADSIGHT_CACHE`` (default
+    ``~/.cache/gradsight``) / gguf / <file stem>-<key>, the key a hash of the file's resolved path, size and
+    modification time and of the transformers version (a changed file or converter makes a new copy).
+    None when ``GRADSIGHT_CACHE`` is ``off``."""
+    import transformers
+
+    root = os.environ.get("GRADSIGHT_CACHE", "")
+    if root.lower() in ("off", "0", "none"):
+        return None
+    f = (d / gguf).resolve()
+    st = f.stat()
+    key = hashlib.sha256(f"{f}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()[:16]
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "gradsight"
+    return base / "gguf" / f"{f.stem}-{key}"
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' logging at error level and its progress bars off (the GGUF reader's plain tqdm too)."""
     from transformers.utils import logging as hf_logging
 
-    if dtype not in _DTYPES:
-        raise ModelError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
-    d, gguf = resolve_model_path(spec)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    kw = {"local_files_only": True}
-    if gguf:
-        kw["gguf_file"] = gguf
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # GGUF de-quantisation bars would drown our own progress bar
-    quiet_gguf = _silence_gguf_tqdm()  # transformers' GGUF reader uses plain tqdm
+    quiet_gguf = _silence_gguf_tqdm()
     try:
-        tok = AutoTokenizer.from_pretrained(str(d), **kw)
-        cfg = AutoConfig.from_pretrained(str(d), **kw)
-        is_encoder = getattr(cfg, "model_type", "") in {"bert", "roberta", "distilbert", "electra"}
-        auto = AutoModelForMaskedLM if is_encoder else AutoModelForCausalLM
-        mkw = dict(kw, dtype=_DTYPES[dtype])
-        if attn_implementation:
-            mkw["attn_implementation"] = attn_implementation
-        model = auto.from_pretrained(str(d), **mkw)
-    except ModelError:
-        raise
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load model {spec!r} from {d}: {e}") from e
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
         quiet_gguf()
+
+
+def _from_pretrained(d: Path, gguf: str | None, **mkw):
+    """(model, tokenizer) from a local directory (or a GGUF file in it), masked LM for encoder configs."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    kw = {"local_files_only": True}
+    if gguf:
+        kw["gguf_file"] = gguf
+    tok = AutoTokenizer.from_pretrained(str(d), **kw)
+    cfg = AutoConfig.from_pretrained(str(d), **kw)
+    is_encoder = getattr(cfg, "model_type", "") in {"bert", "roberta", "distilbert", "electra"}
+    auto = AutoModelForMaskedLM if is_encoder else AutoModelForCausalLM
+    return auto.from_pretrained(str(d), config=cfg, **kw, **mkw), tok
+
+
+def _cache_gguf(d: Path, gguf: str, target: Path) -> bool:
+    """De-quantise the GGUF model once (float32, as the converter gives it) and save weights (safetensors),
+    config and tokenizer to `target`, atomically: a temporary folder renamed when complete. False when the
+    cache cannot be written (the caller then reads the GGUF file)."""
+    import shutil
+
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    try:
+        model, tok = _from_pretrained(d, gguf)
+        tmp.mkdir(parents=True, exist_ok=True)
+        # the weights are plain float32 tensors once read; drop the GGUF marks that make transformers refuse
+        # to save a "quantised" model, so that the copy loads as an ordinary checkpoint
+        model.hf_quantizer, model.is_quantized = None, False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "gradsight-source.txt").write_text(f"{d / gguf}\n")
+        os.replace(tmp, target)
+        return True
+    except OSError:
+        return target.exists()  # another process finished it first, or the cache is not writable
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(spec: str, dtype: str = "float32", attn_implementation: str | None = "sdpa"):
+    """(model in eval mode, tokenizer) for a model spec. Never downloads: local files only.
+
+    A GGUF model is de-quantised once and kept as safetensors in `gguf_cache_dir` (reading the GGUF file takes
+    ~50 s for SmolLM2-135M on 2 CPU cores, the cached copy ~2 s); the weights, config and tokenizer are those
+    of the GGUF file (tested on the packaged model). ``GRADSIGHT_CACHE=off`` always reads the GGUF file.
+    """
+    if dtype not in _DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
+    d, gguf = resolve_model_path(spec)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    mkw = {"dtype": _DTYPES[dtype]}
+    if attn_implementation:
+        mkw["attn_implementation"] = attn_implementation
+    try:
+        with _quiet_transformers():
+            cache = gguf_cache_dir(d, gguf) if gguf else None
+            if cache is not None and (cache.exists() or _cache_gguf(d, gguf, cache)):
+                d, gguf = cache, None
+            model, tok = _from_pretrained(d, gguf, **mkw)
+    except ModelError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {spec!r} from {d}: {e}") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.eval()
