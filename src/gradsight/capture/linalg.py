@@ -61,7 +61,9 @@ NORM_ROUTES = ("auto", "ghost", "dense")  # squared norms
 EIG = 4.0  # n x n symmetric eigenvalues, values only
 SVD = 8.0  # m x n singular values, m <= n
 CHOL = 0.5  # n x n Cholesky factor
-CALL = 1e6  # fixed cost of one batched solve (dispatch, numpy round trip): bounds the padding of a chunk
+F32 = 0.55  # a float32 GEMM multiply-add, in float64 ones (measured 0.53-0.57 here; the materialised G^T A of
+            # float32 factors is formed in float32, see `singular_values`)
+CALL = 1e7  # fixed cost of one batched solve: ~0.5 ms of dispatch and numpy round trips at ~20 GFLOP/s; bounds a chunk's padding
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -93,6 +95,13 @@ def eigvalsh(S: torch.Tensor) -> torch.Tensor:
     import numpy as np
 
     return torch.from_numpy(np.linalg.eigvalsh(S.detach().numpy())).to(S.dtype)
+
+
+def _product_dtype(A: torch.Tensor, G: torch.Tensor) -> tuple[bool, torch.dtype]:
+    """(single, dtype) of a materialised G^T A: float64 for float64 factors, else float32 (single=True)."""
+    if A.dtype == torch.float64 or G.dtype == torch.float64:
+        return False, torch.float64
+    return True, torch.float32
 
 
 def _sym_eig_sv(S: torch.Tensor) -> torch.Tensor:
@@ -128,12 +137,13 @@ def dense_singular_values(M: torch.Tensor) -> torch.Tensor:
 # cost model
 
 
-def _variant_costs(T: int, d_in: int, d_out: int, share: int = 1) -> dict[tuple[str, str], float]:
+def _variant_costs(T: int, d_in: int, d_out: int, share: int = 1, single: bool = False
+                   ) -> dict[tuple[str, str], float]:
     """Multiply-adds of every (route, product) variant for one example of T real tokens (see spectra_costs)."""
     s = max(int(share), 1)
     Ka = T * T * d_in / s  # K_a = A A^T, amortised over the `share` layers reading A
     Kg = T * T * d_out
-    M = T * d_in * d_out  # materialised G^T A
+    M = T * d_in * d_out * (F32 if single else 1.0)  # materialised G^T A (in float32 for float32 factors)
     m, n = min(d_in, d_out), max(d_in, d_out)
     return {
         ("gram", "K"): Ka + CHOL * T**3 / s + Kg + 2 * T**3 + EIG * T**3,
@@ -145,7 +155,7 @@ def _variant_costs(T: int, d_in: int, d_out: int, share: int = 1) -> dict[tuple[
     }
 
 
-def spectra_costs(T: int, d_in: int, d_out: int, share: int = 1) -> dict[str, float]:
+def spectra_costs(T: int, d_in: int, d_out: int, share: int = 1, single: bool = False) -> dict[str, float]:
     """Estimated cost (float64 GEMM multiply-adds) of one example's singular values by each route.
 
     For T real tokens, with K_a = A A^T (T^2 d_in, computed once for the `share` layers that read the same
@@ -162,23 +172,24 @@ def spectra_costs(T: int, d_in: int, d_out: int, share: int = 1) -> dict[str, fl
 
     EIG = 4, SVD = 8, CHOL = 0.5 are this module's constants (measured; see their comment). The two product
     orders of "out"/"in" give the same matrix; the cheaper one is used. Short sequences (T well below d) pick
-    "gram"; long ones (T > min(d_in, d_out)) the d x d problem of the smaller side.
+    "gram"; long ones (T > min(d_in, d_out)) the d x d problem of the smaller side. single: the factors are
+    float32 (or narrower), so M = G^T A is formed in float32 and costs F32 of a float64 product.
 
     Returns:
         {"gram", "out", "in", "dense": multiply-adds}.
     """
-    c = _variant_costs(T, d_in, d_out, share)
+    c = _variant_costs(T, d_in, d_out, share, single)
     return {r: min(v for (rr, _), v in c.items() if rr == r) for r in ("gram", "out", "in", "dense")}
 
 
-def via_gram(route: str, T: int, d_in: int, d_out: int, share: int = 1) -> bool:
+def via_gram(route: str, T: int, d_in: int, d_out: int, share: int = 1, single: bool = False) -> bool:
     """For route "out" / "in": True when its d x d matrix is cheaper through the T x T Gram (G^T K_a G,
     A^T K_g A) than through the materialised M = G^T A (M M^T, M^T M), by the costs of `spectra_costs`."""
-    c = _variant_costs(T, d_in, d_out, share)
+    c = _variant_costs(T, d_in, d_out, share, single)
     return c[(route, "K")] <= c[(route, "M")]
 
 
-def norm_costs(T: int, d_in: int, d_out: int, share: int = 1) -> dict[str, float]:
+def norm_costs(T: int, d_in: int, d_out: int, share: int = 1, single: bool = False) -> dict[str, float]:
     """Estimated multiply-adds of one example's squared Frobenius norm by each route.
 
         ghost  sum(K_a * K_g):  T^2 d_in / share + T^2 d_out + T^2     (K_a shared like in spectra_costs)
@@ -187,10 +198,12 @@ def norm_costs(T: int, d_in: int, d_out: int, share: int = 1) -> dict[str, float
     The ghost route wins while roughly T < d_in d_out / (d_in / share + d_out).
     """
     s = max(int(share), 1)
-    return {"ghost": T * T * d_in / s + T * T * d_out + T * T, "dense": T * d_in * d_out + d_in * d_out}
+    return {"ghost": T * T * d_in / s + T * T * d_out + T * T,
+            "dense": T * d_in * d_out * (F32 if single else 1.0) + d_in * d_out}
 
 
-def choose_routes(lengths, d_in: int, d_out: int, route: str = "auto", share: int = 1) -> list[str]:
+def choose_routes(lengths, d_in: int, d_out: int, route: str = "auto", share: int = 1, single: bool = False
+                  ) -> list[str]:
     """Per-example singular-value route: `route` itself unless "auto", else the cheapest of gram/out/in.
 
     Args:
@@ -203,7 +216,7 @@ def choose_routes(lengths, d_in: int, d_out: int, route: str = "auto", share: in
         return [route] * len(lengths)
     out = []
     for T in lengths:
-        c = spectra_costs(int(T), d_in, d_out, share)
+        c = spectra_costs(int(T), d_in, d_out, share, single)
         out.append(min(("gram", "out", "in"), key=c.__getitem__))
     return out
 
@@ -251,8 +264,8 @@ class _Rows:
         """Some row has fewer than Tc real tokens (its chunk needs zero padding)."""
         return any(self.lengths[e] < Tc for e in rows)
 
-    def take(self, X: torch.Tensor, rows: list[int], Tc: int) -> torch.Tensor:
-        """(n, Tc, d) float64: rows' real tokens in order, zero after each row's length."""
+    def take(self, X: torch.Tensor, rows: list[int], Tc: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """(n, Tc, d) in `dtype`: rows' real tokens in order, zero after each row's length."""
         if self.prefix:
             Xc = X if (Tc == self.T and rows == list(range(self.B))) else X[rows, :Tc]
         else:
@@ -260,7 +273,7 @@ class _Rows:
                 self._perm = torch.argsort((~self.tokens).to(torch.int8), dim=1, stable=True)
             p = self._perm[rows, :Tc]
             Xc = X[rows].gather(1, p.unsqueeze(-1).expand(-1, -1, X.shape[-1]))
-        Xc = Xc.double()
+        Xc = Xc.to(dtype)
         if not self.short(rows, Tc):
             return Xc
         keep = self.mask(rows, Tc, X.device).unsqueeze(-1)
@@ -392,7 +405,10 @@ def singular_values(A: torch.Tensor, G: torch.Tensor, tokens: torch.Tensor | Non
     or the forced `route`) and each group is solved in batched chunks of similar length (`_chunks`), on the
     examples' real tokens only, gathered to the front and zero padded to the chunk's longest (exact: a zero
     token adds nothing to G^T A, K_a or K_g, and the T x T route puts an identity block under it, which adds
-    exact zeros to S). All products and eigenproblems in float64.
+    exact zeros to S). Gram matrices, squared products and eigenproblems in float64; a materialised M = G^T A
+    of float32 (or narrower) factors is formed in float32 and then squared in float64: it is as exact as the
+    factors themselves (by Weyl, an entrywise error of eps |M| moves every singular value by at most
+    ~eps sigma_1), while a Gram formed in float32 would move the small ones by ~sqrt(eps) sigma_1.
 
     Args:
         A: (B, T, d_in) inputs; G: (B, T, d_out) output gradients (any values at padded tokens: masked).
@@ -411,35 +427,37 @@ def singular_values(A: torch.Tensor, G: torch.Tensor, tokens: torch.Tensor | Non
         shared = InputGrams(A, tokens)
     shared.check(A)
     rows_of, L = shared.rows, shared.lengths
-    routes = choose_routes(L, d_in, d_out, route, shared.share)
+    single, mdt = _product_dtype(A, G)
+    routes = choose_routes(L, d_in, d_out, route, shared.share, single)
     r = min(T, d_in, d_out)
     out = torch.zeros(B, r, dtype=torch.float64, device=A.device)
     for rt in dict.fromkeys(routes):
         mine = [e for e in range(B) if routes[e] == rt and L[e] > 0]
 
         def cost(t, rt=rt):
-            return spectra_costs(t, d_in, d_out, shared.share)[rt]
+            return spectra_costs(t, d_in, d_out, shared.share, single)[rt]
 
         for rows in _chunks(mine, L, cost):
             Tc = max(L[e] for e in rows)
-            Gc = rows_of.take(G, rows, Tc)
-            if rt == "gram":
-                La = shared.L(rows, Tc)
-                s = _sym_eig_sv(La.transpose(-1, -2) @ gram(Gc) @ La)
-            elif rt in ("out", "in") and via_gram(rt, Tc, d_in, d_out, shared.share):
-                if rt == "out":
-                    s = _sym_eig_sv(Gc.transpose(-1, -2) @ (shared.K(rows, Tc) @ Gc))
-                else:
-                    Ac = rows_of.take(A, rows, Tc)
-                    s = _sym_eig_sv(Ac.transpose(-1, -2) @ (gram(Gc) @ Ac))
-            else:
-                Mc = Gc.transpose(-1, -2) @ rows_of.take(A, rows, Tc)  # (n, d_out, d_in)
-                if rt == "out":
+            if rt in ("out", "in", "dense") and (rt == "dense" or not via_gram(rt, Tc, d_in, d_out, shared.share,
+                                                                                 single)):
+                Mc = (rows_of.take(G, rows, Tc, mdt).transpose(-1, -2) @ rows_of.take(A, rows, Tc, mdt)).double()
+                if rt == "out":  # (n, d_out, d_in)
                     s = _sym_eig_sv(Mc @ Mc.transpose(-1, -2))
                 elif rt == "in":
                     s = _sym_eig_sv(Mc.transpose(-1, -2) @ Mc)
                 else:
                     s = dense_singular_values(Mc)
+            else:
+                Gc = rows_of.take(G, rows, Tc)
+                if rt == "gram":
+                    La = shared.L(rows, Tc)
+                    s = _sym_eig_sv(La.transpose(-1, -2) @ gram(Gc) @ La)
+                elif rt == "out":
+                    s = _sym_eig_sv(Gc.transpose(-1, -2) @ (shared.K(rows, Tc) @ Gc))
+                else:
+                    Ac = rows_of.take(A, rows, Tc)
+                    s = _sym_eig_sv(Ac.transpose(-1, -2) @ (gram(Gc) @ Ac))
             k = min(s.shape[-1], r)
             rank = [min(L[e], d_in, d_out) for e in rows]
             s = s[:, :k]
@@ -481,18 +499,19 @@ def factored_sq_norms(A: torch.Tensor, G: torch.Tensor, K_a=None, K_g=None, toke
         shared = InputGrams(A, tokens)
     shared.check(A)
     rows_of, L = shared.rows, shared.lengths
+    single, mdt = _product_dtype(A, G)
     out = torch.zeros(B, dtype=torch.float64, device=A.device)
-    costs = {t: norm_costs(t, d_in, d_out, shared.share) for t in set(L)}
+    costs = {t: norm_costs(t, d_in, d_out, shared.share, single) for t in set(L)}
     routes = [route if route != "auto" else min(costs[t], key=costs[t].__getitem__) for t in L]
     for rt in ("ghost", "dense"):
         mine = [e for e in range(B) if routes[e] == rt and L[e] > 0]
-        for rows in _chunks(mine, L, lambda t, rt=rt: norm_costs(t, d_in, d_out, shared.share)[rt]):
+        for rows in _chunks(mine, L, lambda t, rt=rt: norm_costs(t, d_in, d_out, shared.share, single)[rt]):
             Tc = max(L[e] for e in rows)
-            Gc = rows_of.take(G, rows, Tc)
             if rt == "ghost":
-                v = (shared.K(rows, Tc) * gram(Gc)).sum(dim=(-1, -2))
+                v = (shared.K(rows, Tc) * gram(rows_of.take(G, rows, Tc))).sum(dim=(-1, -2))
             else:
-                v = (Gc.transpose(-1, -2) @ rows_of.take(A, rows, Tc)).pow(2).sum(dim=(-1, -2))
+                Mc = rows_of.take(G, rows, Tc, mdt).transpose(-1, -2) @ rows_of.take(A, rows, Tc, mdt)
+                v = Mc.double().pow(2).sum(dim=(-1, -2))
             out[rows] = v
     return out
 
