@@ -148,20 +148,27 @@ def spectra_frame(stats: Mapping[str, Mapping[str, torch.Tensor]], layers: Seque
         keep: batch positions to keep (flagged examples left out). idx, groups: per batch position.
     """
     info = {li.name: li for li in layers}
-    parts = []
     k = np.asarray(keep, dtype=np.int64)
     n = len(keep)
-    idx_a = np.asarray(idx, dtype=np.int64)[k]
-    grp_a = np.asarray(groups, dtype=object)[k]
+    names, metrics, values = [], [], []
     for name, per_metric in stats.items():
-        li = info[name]
         for metric in METRICS:
-            if metric not in per_metric:
-                continue
-            vals = per_metric[metric].detach().cpu().numpy().astype(np.float64)[k]
-            parts.append(pd.DataFrame({"idx": idx_a, "group": grp_a, "layer": np.repeat(name, n),
-                                       "block": np.repeat(np.int64(li.block), n), "kind": np.repeat(li.kind, n),
-                                       "metric": np.repeat(metric, n), "value": vals}))
-    if not parts:
-        return pd.DataFrame(columns=["idx", "group", "layer", "block", "kind", "metric", "value"])
-    return pd.concat(parts, ignore_index=True)
+            if metric in per_metric:
+                names.append(name)
+                metrics.append(metric)
+                values.append(per_metric[metric].detach().cpu().numpy().astype(np.float64)[k])
+    if not values or n == 0:
+        return pd.DataFrame({"idx": pd.Series(dtype=np.int64), "group": pd.Series(dtype=object),
+                             "layer": pd.Series(dtype=object), "block": pd.Series(dtype=np.int64),
+                             "kind": pd.Series(dtype=object), "metric": pd.Series(dtype=object),
+                             "value": pd.Series(dtype=np.float64)})
+    m = len(values)  # one block of n rows per (layer, metric), in stats order then METRICS order
+    return pd.DataFrame({
+        "idx": np.tile(np.asarray(idx, dtype=np.int64)[k], m),
+        "group": np.tile(np.asarray(groups, dtype=object)[k], m),
+        "layer": np.repeat(np.asarray(names, dtype=object), n),
+        "block": np.repeat(np.asarray([info[x].block for x in names], dtype=np.int64), n),
+        "kind": np.repeat(np.asarray([info[x].kind for x in names], dtype=object), n),
+        "metric": np.repeat(np.asarray(metrics, dtype=object), n),
+        "value": np.concatenate(values),
+    })
