@@ -33,10 +33,13 @@ class ReportSpec:
     Attributes:
         render: ``render(run_dir, out=None) -> Path``: the self-contained HTML page (reads the run only).
         summary: ``summary(run_dir, console=None)``: the terminal summary.
+        findings: ``findings(run_dir) -> [{"title": str, "lines": [str]}]``: the key findings of the report
+            page, from the run's tables only (the index page of a run tree shows the first); None: none.
     """
 
     render: Callable[..., Path]
     summary: Callable[..., None]
+    findings: Callable[..., list] | None = None
 
 
 @dataclass
@@ -168,14 +171,16 @@ def folder(package: str) -> dict:
 
         compute.py    setup(cfg, source, info) -> Plan;  compute(plan, units) -> tables
         summarize.py  summarize(run_dir, cfg, info) -> tables;  result(run_dir, tables) -> result object
-        report.py     render(run_dir, out=None) -> Path;  print_summary(run_dir, console=None)
+        report.py     render(run_dir, out=None) -> Path;  print_summary(run_dir, console=None);
+                      run_findings(run_dir) -> [{"title", "lines"}]
 
     Use as ``Analysis(name=..., Config=..., **folder(__name__), tables=...)``.
     """
     return {"setup": lazy(f"{package}.compute:setup"), "compute": lazy(f"{package}.compute:compute"),
             "summarize": lazy(f"{package}.summarize:summarize"), "open": lazy(f"{package}.summarize:result"),
             "report": ReportSpec(render=lazy(f"{package}.report:render"),
-                                 summary=lazy(f"{package}.report:print_summary"))}
+                                 summary=lazy(f"{package}.report:print_summary"),
+                                 findings=lazy(f"{package}.report:run_findings"))}
 
 
 _REGISTRY: dict[str, Analysis] = {}

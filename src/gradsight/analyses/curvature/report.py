@@ -40,7 +40,7 @@ from ...report.kit import (
 )
 from ...runs.store import read_manifest
 
-__all__ = ["render", "print_summary", "build_context", "curvature_findings", "load_curvature", "CurvatureData",
+__all__ = ["run_findings", "render", "print_summary", "build_context", "curvature_findings", "load_curvature", "CurvatureData",
            "settings", "op_name", "print_head", "print_tail"]
 
 HERE = Path(__file__).parent  # the page template (curvature.html) lives next to this module
@@ -372,6 +372,11 @@ def build_context(data: CurvatureData) -> dict:
         "fig_stability": fig("stability", stability_figure(data)),
         "figures": registry.items,
     }
+
+
+def run_findings(run_dir: Path | str) -> list[dict]:
+    """The findings of the run's page from its tables."""
+    return curvature_findings(load_curvature(run_dir))
 
 
 def render(run_dir: Path | str, out: Path | str | None = None) -> Path:

@@ -73,7 +73,7 @@ from .figures import (
     terms_depth_figure,
 )
 
-__all__ = [
+__all__ = ["run_findings", 
     "render",
     "print_summary",
     "build_context",
@@ -521,6 +521,11 @@ def build_context(data: GeometryData) -> dict:
         "figures": registry.items,
     }
     return ctx
+
+
+def run_findings(run_dir: Path | str) -> list[dict]:
+    """The findings of the run's page from its tables."""
+    return geometry_findings(load_geometry(run_dir))
 
 
 def render(run_dir: Path | str, out: Path | str | None = None) -> Path:

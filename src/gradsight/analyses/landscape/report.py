@@ -19,7 +19,7 @@ import pandas as pd
 from ...report.kit import FigureRegistry, Subplots, figure, finite, floats, fmt_num, out_path, render_page, run_context
 from ..curvature.report import CurvatureData, load_curvature, print_head, print_tail, settings
 
-__all__ = ["render", "print_summary", "build_context", "landscape_findings", "landscape_figures"]
+__all__ = ["run_findings", "render", "print_summary", "build_context", "landscape_findings", "landscape_figures"]
 
 HERE = Path(__file__).parent  # the page template (landscape.html) lives next to this module
 
@@ -165,6 +165,11 @@ def build_context(data: CurvatureData) -> dict:
         "landscape_kind": meta.get("kind"),
         "figures": registry.items,
     }
+
+
+def run_findings(run_dir: Path | str) -> list[dict]:
+    """The findings of the run's page from its tables."""
+    return landscape_findings(load_curvature(run_dir))
 
 
 def render(run_dir: Path | str, out: Path | str | None = None) -> Path:

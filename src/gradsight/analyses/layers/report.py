@@ -57,7 +57,7 @@ from .data import (
 )
 from .figures import curves_figure, distribution_figure, heatmap_figure
 
-__all__ = ["render", "print_summary", "build_context", "findings", "load_run", "RunData", "fmt_num", "fmt_p",
+__all__ = ["run_findings", "render", "print_summary", "build_context", "findings", "load_run", "RunData", "fmt_num", "fmt_p",
            "skip_reason_counts"]
 
 HERE = Path(__file__).parent  # the page template (report.html) lives next to this module
@@ -506,6 +506,11 @@ def build_context(data: RunData) -> dict:
         "max_example_rows": MAX_EXAMPLE_ROWS,
         "statuses": sorted({r["status"] for r in ex_rows}),
     }
+
+
+def run_findings(run_dir: Path | str) -> list[dict]:
+    """The findings of the run's page from its tables (the per-example layer stats are not read)."""
+    return findings(load_run(run_dir, depth_metrics=None))
 
 
 def render(run_dir: Path | str, out: Path | str | None = None) -> Path:
