@@ -32,7 +32,8 @@ def demo(
     curvature: bool = typer.Option(True, help="also run the curvature and landscape demos (digits MLP spectrum "
                                               "and landscapes, SmolLM2 per-block top eigenvalues; the tour: the "
                                               "first and last block only)"),
-    curvature_problems: int = typer.Option(1, help="problems (x3 responses) for the SmolLM2 Hessian"),
+    curvature_problems: int = typer.Option(1, help="problems (x3 responses) for the SmolLM2 Hessian (the tour uses "
+                                                   "the first response only unless given)"),
     full: bool = typer.Option(False, "--full", help="the full demo (60 + 30 problems, all 30 blocks' Hessian; "
                                                     "about 15 minutes on 2 cores) instead of the tour"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or summary"),
@@ -43,8 +44,8 @@ def demo(
 
     --full: the full demo (at least 60 problems x {fast, slow, wrong}).
     """
-    from ..demo.run import (TOUR_GEOMETRY_PROBLEMS, TOUR_PROBLEMS, check_demo_out, run_curvature_demo,
-                            run_demo, run_geometry_demo, run_tour)
+    from ..demo.run import (TOUR_CURVATURE_EXAMPLES, TOUR_GEOMETRY_PROBLEMS, TOUR_PROBLEMS, check_demo_out,
+                            run_curvature_demo, run_demo, run_geometry_demo, run_tour)
     from ..report import print_summary
     from ..report.index import render_index
 
@@ -58,6 +59,7 @@ def demo(
                         n_problems=n_problems if _given(ctx, "n_problems") else TOUR_PROBLEMS,
                         geometry_problems=geometry_problems if _given(ctx, "geometry_problems")
                         else TOUR_GEOMETRY_PROBLEMS, curvature_problems=curvature_problems,
+                        curvature_examples=None if _given(ctx, "curvature_problems") else TOUR_CURVATURE_EXAMPLES,
                         progress=not quiet, after=after)
         index = runs.pop("index")
         for p in runs.values():

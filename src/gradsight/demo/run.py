@@ -45,13 +45,16 @@ from ..config import EncodeOptions, SummaryOptions
 from .problems import demo_records, geometry_records
 
 __all__ = ["demo_config", "run_demo", "run_geometry_demo", "run_curvature_demo", "TourRun", "tour_plan",
-           "run_tour", "check_demo_out", "TOUR_PROBLEMS", "TOUR_GEOMETRY_PROBLEMS", "TOUR_CURVATURE_PROBLEMS", "TOUR_BLOCKS"]
+           "run_tour", "check_demo_out", "TOUR_PROBLEMS", "TOUR_GEOMETRY_PROBLEMS", "TOUR_CURVATURE_PROBLEMS", "TOUR_BLOCKS",
+           "TOUR_CURVATURE_EXAMPLES", "TOUR_GEOMETRY_KINDS"]
 
 NET = "digits MLP 64-32-32-10 (seed 0)"
 LM = "smollm2-135m-instruct"
 TOUR_PROBLEMS = 8  # layers: problems x {fast, slow, wrong}
 TOUR_GEOMETRY_PROBLEMS = 4  # geometry: problems x 8 loss terms
 TOUR_CURVATURE_PROBLEMS = 1  # SmolLM2 curvature: problems x {fast, slow, wrong}, pooled
+TOUR_CURVATURE_EXAMPLES = 1  # ... of which the first response only (each Hessian product is ~3 fwd/bwd passes)
+TOUR_GEOMETRY_KINDS = ("q", "v", "down")  # geometry: the layer kinds of the tour (every block)
 TOUR_BLOCKS = "0,-1"  # SmolLM2 curvature: the first and the last transformer block
 LANDSCAPES = ("digits-hessian-plane", "digits-random-plane", "digits-interpolation")
 TOUR_INTRO = ("The gradsight demo tour: every analysis once, on a small sample (the Data column gives each run's "
@@ -118,15 +121,17 @@ def digits_landscape(out: str | Path, kind: str, curvature_run: str | Path | Non
 
 
 def lm_curvature(out: str | Path, n_problems: int = 1, model: str = LM, blocks: str | None = None,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, n_examples: int | None = None) -> Path:
     """`run_curvature` on `n_problems` built-in problems x {fast, slow, wrong}: the Hessian of the token-mean
     loss restricted to each selected transformer block's linear weights (and to all of them together), its top
     eigenvalue by Lanczos (residual tolerance 1e-2, so the eigenvalue is good to about 1e-4 relative), without
     trace or density (each product costs about 3 plain forward+backward passes). `blocks`: a block selection
-    such as "0,-1" (default: every block). Returns the run path (report written)."""
+    such as "0,-1" (default: every block); `n_examples`: only the first n responses. Returns the run path (report
+    written)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = CurvatureConfig(model=model, data=f"builtin:demo-arithmetic-{n_problems}",
                           encode=EncodeOptions(max_length=512), token_budget=4096, max_batch=64, blocks=blocks,
+                          n_examples=n_examples,
                           per=("model", "block"), top_k=1, tol=1e-2, max_iter=40, trace_scopes=(),
                           density_scopes=())
     return run_curvature(cfg, out, records=demo_records(n_problems=n_problems), progress=progress).path
@@ -173,28 +178,32 @@ class TourRun:
 
 def tour_plan(model: str = LM, n_problems: int = TOUR_PROBLEMS, geometry: bool = True,
               geometry_problems: int = TOUR_GEOMETRY_PROBLEMS, curvature: bool = True,
-              curvature_problems: int = TOUR_CURVATURE_PROBLEMS, blocks: str = TOUR_BLOCKS) -> list[TourRun]:
+              curvature_problems: int = TOUR_CURVATURE_PROBLEMS, blocks: str = TOUR_BLOCKS,
+              curvature_examples: int | None = TOUR_CURVATURE_EXAMPLES) -> list[TourRun]:
     """The runs of the tour in order (nothing is loaded or run here; see the module docstring).
 
     geometry=False leaves out the geometry run; curvature=False the curvature and landscape runs (as
     ``--no-geometry`` and ``--no-curvature`` do in the full demo). `model` is used by every language-model
-    run (layers, geometry, SmolLM2 curvature); `blocks` selects the blocks of the SmolLM2 curvature run.
+    run (layers, geometry, SmolLM2 curvature); `blocks` selects the blocks of the SmolLM2 curvature run and
+    `curvature_examples` caps its responses (None: all of its problems' three).
     """
     lm_name = "smollm2" if model == LM else "lm"
     plan = [TourRun("layers", "layers", model, f"{n_problems} built-in problems x {{fast, slow, wrong}}, every "
                     "linear layer", lambda root, p: run_demo(root / "layers", n_problems, model, p).path)]
     if geometry:
         plan.append(TourRun("geometry", "geometry", model, f"{geometry_problems} problems x 8 loss terms (groups, "
-                            "preference pairs, rollouts)",
-                            lambda root, p: run_geometry_demo(root / "geometry", geometry_problems, model, p).path))
+                            f"preference pairs, rollouts), layers {','.join(TOUR_GEOMETRY_KINDS)} of every block",
+                            lambda root, p: run_geometry_demo(root / "geometry", geometry_problems, model, p,
+                                                              kinds=TOUR_GEOMETRY_KINDS).path))
     if curvature:
         plan += [
             TourRun("curvature/digits", "curvature", NET, "Hessian: top-20 eigenvalues, trace, density; per layer",
                     lambda root, p: digits_curvature(root / "curvature" / "digits", p)),
             TourRun(f"curvature/{lm_name}", "curvature", model, f"top Hessian eigenvalue of blocks {blocks} (each "
-                    f"and together), {curvature_problems} problem(s) x 3 responses",
+                    "and together), " + (f"{curvature_problems} problem(s) x 3 responses" if curvature_examples is None
+                                         else f"the first {curvature_examples} response(s)"),
                     lambda root, p: lm_curvature(root / "curvature" / lm_name, curvature_problems, model,
-                                                 blocks, p)),
+                                                 blocks, p, n_examples=curvature_examples)),
         ]
         for name, kind, what in zip(LANDSCAPES, ("hessian", "random", "interpolate"),
                                     ("plane of the top-2 Hessian eigenvectors, 21 x 21",
@@ -208,7 +217,8 @@ def tour_plan(model: str = LM, n_problems: int = TOUR_PROBLEMS, geometry: bool =
 
 def run_tour(out: str | Path = "runs/demo", *, model: str = LM, n_problems: int = TOUR_PROBLEMS,
              geometry: bool = True, geometry_problems: int = TOUR_GEOMETRY_PROBLEMS, curvature: bool = True,
-             curvature_problems: int = TOUR_CURVATURE_PROBLEMS, blocks: str = TOUR_BLOCKS, progress: bool = True,
+             curvature_problems: int = TOUR_CURVATURE_PROBLEMS, blocks: str = TOUR_BLOCKS,
+             curvature_examples: int | None = TOUR_CURVATURE_EXAMPLES, progress: bool = True,
              after: Callable[[TourRun, Path], None] | None = None) -> dict:
     """Make every run of `tour_plan` under `out`, then OUT/index.html.
 
@@ -225,7 +235,8 @@ def run_tour(out: str | Path = "runs/demo", *, model: str = LM, n_problems: int 
     check_demo_out(out, full=False)
     t0 = time.perf_counter()
     runs: dict = {}
-    for step in tour_plan(model, n_problems, geometry, geometry_problems, curvature, curvature_problems, blocks):
+    for step in tour_plan(model, n_problems, geometry, geometry_problems, curvature, curvature_problems, blocks,
+                          curvature_examples):
         runs[step.name] = step.run(out, progress)
         if after is not None:
             after(step, runs[step.name])
