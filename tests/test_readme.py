@@ -10,6 +10,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 import typer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +41,11 @@ def test_python_examples_run(tmp_path, monkeypatch):
     assert len(ns["picked"]) == 2 and set(ns["geo"].tables["group_cosines"]["scope_type"]) >= {"model", "layer"}
     assert (tmp_path / "runs" / "net-hess" / "report.html").exists()
     assert ns["out"]["spectra"]["model.layers.3.mlp.down_proj"]["nuclear"].shape == (4,)
+    # `from gradsight import capture` is the context manager, and its factors give the measure's numbers
+    g = ns["grads"]["model.layers.3.mlp.down_proj"]
+    assert torch.allclose(g.sq_norms(), ns["out"]["sq_norms"]["model.layers.3.mlp.down_proj"], rtol=1e-6)
+    assert torch.allclose(g.singular_values().sum(1), ns["out"]["spectra"]["model.layers.3.mlp.down_proj"]["nuclear"],
+                          rtol=1e-6)
 
 
 def test_documented_commands_parse():
@@ -68,3 +74,39 @@ def test_documented_paths_exist():
             parent, _, attr = mod.rpartition(".")
             assert hasattr(importlib.import_module(parent), attr), mod
     assert os.path.exists(ROOT / "docs" / "architecture.md")
+
+
+@pytest.mark.slow
+def test_cli_examples_run_on_a_tiny_model(tmp_path, monkeypatch, model_dir):
+    """Every `gradsight ...` line of the Command line block, in order, with the packaged model replaced by a
+    tiny Llama directory (and eager attention for it), sequences cut to 128 tokens and the pooled analyses
+    (curvature, landscape: every Hessian product passes all their data) on 2 examples, so that the whole block
+    takes under a minute; `demo` (the real model) and `torchrun` lines excepted (the contract test runs every
+    analysis under torchrun)."""
+    from gradsight.cli import main
+    from gradsight.demo.problems import demo_records, geometry_records
+
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demo_records(n_problems=4)))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in geometry_records(16)))
+    monkeypatch.chdir(tmp_path)
+    block = next(b for b in blocks("bash") if "gradsight layers" in b)
+    ran = []
+    for line in (ln.split("#")[0].strip() for ln in block.splitlines()):
+        if not line.startswith("gradsight ") or line.startswith("gradsight demo"):
+            continue
+        argv = shlex.split(line)[1:]
+        if argv[0] in ("layers", "geometry", "curvature", "landscape"):
+            if "--model" in argv:
+                argv[argv.index("--model") + 1] = str(model_dir)
+            else:
+                argv += ["--model", str(model_dir)]
+            argv += ["--attn", "eager", "--max-length", "128", "--truncation", "left", "--quiet"]
+            if argv[0] in ("curvature", "landscape"):
+                argv += ["--n-examples", "2"]
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code in (0, None), line
+        ran.append(argv[0])
+    assert ran[:2] == ["layers", "report"] and {"geometry", "select", "curvature", "landscape", "env"} <= set(ran)
+    assert (tmp_path / "chosen.txt").read_text().count("\n") == 100
+    assert (tmp_path / "runs" / "land" / "report.html").exists()
