@@ -36,10 +36,12 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests
 
-# The curvature benchmark compares against two reference packages (old releases that pin nothing we need):
-# installed --no-deps so they can never pull another torch.
+# The benchmarks compare against the peers' own packages, installed --no-deps so they can never pull another
+# torch: pyhessian and loss-landscapes (curvature, landscapes), Opacus and BackPACK (per-example gradient
+# norms; their small dependencies opt-einsum, einops and unfoldNd named explicitly).
 bench: $(STAMP)
-	$(BIN)/python -m pip install -q --no-deps "pyhessian==0.1" "loss-landscapes==3.0.6"
+	$(BIN)/python -m pip install -q --no-deps "pyhessian==0.1" "loss-landscapes==3.0.6" "opacus==1.6.0" \
+	  "opt-einsum==3.4.0" "backpack-for-pytorch==1.7.1" "einops==0.8.2" "unfoldNd==0.2.3"
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/curvature.py
 

@@ -236,6 +236,7 @@ def workload_records(n_examples: int, cycle: int | None = None) -> list[dict]:
 
 
 def load_workload(n_examples: int, cycle: int | None = None, max_batch: int = 64) -> Workload:
+    from gradsight.inputs.batching import model_cost
     from gradsight.inputs.data import EncodeOptions, collate, encode, load_records, make_batches
     from gradsight.inputs.models import load_model, select_layers
 
@@ -1121,6 +1122,545 @@ def geometry_memory(args, raw: dict) -> list[Row]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# realistic: cases R1-R4 on the mixed-length data set of benchmarks/realistic.py (direct answers, short
+# step-by-step solutions, long chains of thought); written to results.json under "realistic"
+
+R_MAX_LENGTH = 1024  # no realistic record is truncated (the longest is ~850 tokens with the chat template)
+R_TOKEN_BUDGET = 4096  # the engine's batching defaults (Batching.token_budget / max_batch)
+R_MAX_BATCH = 32
+R_ATTN = ("q", "k", "v", "o")
+R3_B, R3_T, R3_D, R3_VOCAB = 16, 128, 256, 4096  # case R3: 16 sequences x 128 tokens, d 256, 2 blocks
+
+
+@dataclass
+class RealWorkload:
+    model: torch.nn.Module
+    records: list  # Record
+    encoded: list  # Encoded, one per record
+    batch_idx: list[list[int]]  # per batch: indices into records / encoded (the engine's batches: cost model)
+    batches: list[dict[str, torch.Tensor]]
+    plain_batches: list[dict[str, torch.Tensor]]  # length buckets filled up to the token budget (a user's loop)
+    layers_all: list  # LayerInfo, the 210 linear layers
+    layers_attn: list  # q, k, v, o (120)
+    named: dict  # name -> module
+
+    @property
+    def n(self) -> int:
+        return sum(len(b) for b in self.batch_idx)
+
+    def n_tokens(self, b: int, e: int) -> int:
+        return self.encoded[self.batch_idx[b][e]].n_tokens
+
+    def single(self, b: int, e: int) -> dict[str, torch.Tensor]:
+        """Example e of batch b alone, without its padding."""
+        n = self.n_tokens(b, e)
+        return {k: v[e:e + 1, :n] for k, v in self.batches[b].items()}
+
+
+def load_realistic(n_problems: int) -> RealWorkload:
+    sys.path.insert(0, str(HERE))
+    from realistic import realistic_records
+
+    from gradsight.inputs.batching import model_cost
+    from gradsight.inputs.data import EncodeOptions, collate, encode, load_records, make_batches
+    from gradsight.inputs.models import load_model, select_layers
+
+    t0 = time.perf_counter()
+    model, tok = load_model(MODEL)
+    model.eval()
+    log(f"model loaded in {time.perf_counter() - t0:.1f} s")
+    recs, bad = load_records(realistic_records(n_problems))
+    assert not bad
+    enc = [encode(r, tok, EncodeOptions(max_length=R_MAX_LENGTH)) for r in recs]
+    assert all(e.ok and not e.n_truncated for e in enc), [(e.idx, e.reason, e.n_truncated) for e in enc]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    idx = make_batches(enc, token_budget=R_TOKEN_BUDGET, max_batch=R_MAX_BATCH, cost=model_cost(model, "cpu"))
+    batches = [collate([enc[i] for i in b], pad) for b in idx]
+    plain = [collate([enc[i] for i in b], pad) for b in make_batches(enc, R_TOKEN_BUDGET, R_MAX_BATCH)]
+    return RealWorkload(model, recs, enc, idx, batches, plain, select_layers(model),
+                        select_layers(model, kinds=R_ATTN), dict(model.named_modules()))
+
+
+def real_gradsight(w: RealWorkload, layers: list, b: int) -> dict:
+    """batch_layer_stats on batch b (capture + six statistics of every example on every given layer)."""
+    from gradsight.analyses.layers import LayersConfig
+    from gradsight.analyses.layers.compute import batch_layer_stats
+    from gradsight.inputs.losses import loss_fn_for
+
+    _, stats, bad = batch_layer_stats(w.model, layers, w.batches[b], loss_fn_for(w.model), LayersConfig())
+    assert not bad, bad
+    return stats
+
+
+def real_reference(w: RealWorkload, modules: dict, b: int, e: int) -> dict[str, dict[str, float]]:
+    """The paper's method for one example: its own backward with full weight gradients (loop_grads, unpadded),
+    then float32 svdvals of every weight gradient (values only, as the public Layer_Gradient script) and
+    spectral_stats."""
+    from gradsight.capture.loop import loop_grads
+    from gradsight.inputs.losses import causal_lm_losses
+    from gradsight.measures.spectra import spectral_stats
+
+    grads, _ = loop_grads(w.model, modules, w.single(b, e), causal_lm_losses)
+    out = {}
+    for name, g in grads.items():
+        s = torch.linalg.svdvals(g.g[0].float())
+        out[name] = {k: float(v[0]) for k, v in spectral_stats(s.unsqueeze(0)).items()}
+    return out
+
+
+def real_plain_batched(w: RealWorkload, cost_model: bool = False) -> Callable[[], None]:
+    """A plain training step without the optimizer over length-bucketed batches filled up to the token budget
+    (what a training loop does; cost_model=True: over gradsight's batches instead): every parameter trains,
+    gradsight's loss (causal_lm_losses: the LM head only at target positions, the cheaper of the two losses
+    of case 1), gradients accumulated over the batches, zeroed at the end."""
+    from gradsight.inputs.losses import causal_lm_losses
+
+    batches = w.batches if cost_model else w.plain_batches
+
+    def run():
+        for batch in batches:
+            causal_lm_losses(w.model, batch).sum().backward()
+        w.model.zero_grad(set_to_none=True)
+
+    return run
+
+
+def real_plain_single(w: RealWorkload) -> Callable[[], None]:
+    """The same step one sequence at a time (each example unpadded, batch size 1)."""
+    from gradsight.inputs.losses import causal_lm_losses
+
+    singles = [w.single(b, e) for b in range(len(w.batches)) for e in range(len(w.batch_idx[b]))]
+
+    def run():
+        for one in singles:
+            causal_lm_losses(w.model, one).sum().backward()
+        w.model.zero_grad(set_to_none=True)
+
+    return run
+
+
+def real_data_rows(w: RealWorkload) -> tuple[list[Row], dict]:
+    from realistic import GROUPS, length_summary
+
+    tot = length_summary([e.n_tokens for e in w.encoded])
+    tgt = length_summary([e.n_target for e in w.encoded])
+    per_group = {}
+    for g in GROUPS:
+        es = [e for r, e in zip(w.records, w.encoded) if r.group == g]
+        if es:
+            per_group[g] = {"n": len(es), "tokens": [e.n_tokens for e in es], "targets": [e.n_target for e in es]}
+    shapes = [tuple(b["input_ids"].shape) for b in w.batches]
+    padded = sum(a * c for a, c in shapes)
+    p_shapes = [tuple(b["input_ids"].shape) for b in w.plain_batches]
+    p_padded = sum(a * c for a, c in p_shapes)
+    raw = {"lengths": tot, "targets": tgt, "groups": per_group, "batch_shapes": shapes, "padded_tokens": padded,
+           "batch_idx": w.batch_idx, "plain_batch_shapes": p_shapes, "plain_padded_tokens": p_padded}
+    hist = ", ".join(f"{k}: {v}" for k, v in tot["histogram"].items())
+    grp = "; ".join(f"{g} {min(d['tokens'])}-{max(d['tokens'])} (targets {min(d['targets'])}-{max(d['targets'])})"
+                    for g, d in per_group.items())
+    rows = [
+        Row("R0 encoded length (prompt + response, chat template), median", tot["median"], "info",
+            f"{tot['n']} records; min {tot['min']}, q1 {tot['q1']:.0f}, median {tot['median']:.0f}, q3 "
+            f"{tot['q3']:.0f}, max {tot['max']}; histogram {hist}; per group {grp}", unit=" tok"),
+        Row("R0 supervised targets per example, median", tgt["median"], "info",
+            f"min {tgt['min']}, q1 {tgt['q1']:.0f}, q3 {tgt['q3']:.0f}, max {tgt['max']}; {tgt['total']} targets, "
+            f"{tot['total']} tokens; gradsight's batches (cost model, token_budget={R_TOKEN_BUDGET}, max_batch="
+            f"{R_MAX_BATCH}): {len(shapes)} batches {shapes}, {padded} padded tokens; plain batched (filled up to "
+            f"the budget): {len(p_shapes)} batches {p_shapes}, {p_padded} padded tokens", unit=" tok"),
+    ]
+    return rows, raw
+
+
+def case_real_r2(args, w: RealWorkload) -> tuple[list[Row], dict]:
+    """gradsight (210 layers) vs the cheaper of plain batched and plain per-example fwd+bwd, interleaved."""
+    set_requires_grad(w.model, True)
+    fns = {"gradsight": lambda: [real_gradsight(w, w.layers_all, b) for b in range(len(w.batches))],
+           "plain_batched": real_plain_batched(w), "plain_per_example": real_plain_single(w),
+           "plain_cost_batches": real_plain_batched(w, cost_model=True)}
+    log(f"case R2: warm-up + {args.realistic_rounds} interleaved rounds of {', '.join(fns)} ({w.n} ex)")
+    t = interleaved(fns, args.realistic_rounds)
+    g, pb, pe = t["gradsight"], t["plain_batched"], t["plain_per_example"]
+    rounds = [(a.seconds / min(b.seconds, c.seconds), a.clean and b.clean and c.clean, b.seconds <= c.seconds)
+              for a, b, c in zip(g, pb, pe)]
+    use = [r for r in rounds if r[1]] or rounds
+    n_clean = sum(r[1] for r in rounds)
+    note = f"{n_clean}/{len(rounds)} rounds clean" + ("" if n_clean else " (CONTENDED: all rounds used)")
+    ratio = statistics.median(r[0] for r in use)
+    cheaper = "batched" if secs(pb) <= secs(pe) else "per-example"
+    r_pb, n_pb = paired_ratio(g, pb)
+    r_pe, n_pe = paired_ratio(g, pe)
+    r_bp, n_bp = paired_ratio(pb, pe)
+    pc = t["plain_cost_batches"]
+    c_rounds = [(a.seconds / min(b.seconds, c.seconds), a.clean and b.clean and c.clean) for a, b, c in zip(pc, pb, pe)]
+    c_use = [r for r in c_rounds if r[1]] or c_rounds
+    c_ratio = statistics.median(r[0] for r in c_use)
+    raw = {"times": {k: [asdict(x) for x in v] for k, v in t.items()}, "round_ratios": [r[0] for r in rounds],
+           "cost_round_ratios": [r[0] for r in c_rounds]}
+    rows = [
+        Row("R2 gradsight / physical limit (min of plain batched, plain per-example)", ratio, "<= 1.15",
+            f"{note}; gradsight {secs(g):.1f} s ({len(w.layers_all)} layers x 6 stats), plain batched "
+            f"{secs(pb):.1f} s, plain per-example {secs(pe):.1f} s (cheaper: {cheaper}) for {w.n} ex; plain = "
+            "every parameter trains, causal_lm_losses, per round the cheaper of the two"),
+        Row("R2b plain fwd+bwd in the cost model's batches / min(plain batched, plain per-example)", c_ratio,
+            "<= 1.0", f"{sum(r[1] for r in c_rounds)}/{len(c_rounds)} rounds clean; the batch composition alone "
+            f"(the same plain step): cost-model batches {secs(pc):.1f} s, {len(w.batches)} batches"),
+        Row("R2' gradsight / plain batched fwd+bwd", r_pb, "info", f"{n_pb}; plain: length buckets filled up to "
+            "the token budget; gradsight: its own batches (cost model)"),
+        Row("R2'' gradsight / plain per-example fwd+bwd", r_pe, "info", f"{n_pe}; one unpadded sequence at a time"),
+        Row("R2''' plain batched / plain per-example", r_bp, "info",
+            f"{n_bp}; > 1 means padded batches are slower than one sequence at a time on this CPU"),
+    ]
+    return rows, raw
+
+
+def case_real_r1(args, w: RealWorkload, label: str, layers: list, goal: str) -> tuple[list[Row], dict]:
+    """gradsight vs the paper's method (per example: own backward + float32 svdvals per matrix) on `layers`.
+
+    Per batch: gradsight(b), the reference on a subset of b's examples (each timed), gradsight(b). The
+    reference total is, per batch, the mean over its timed examples times the batch size (batches are length
+    buckets, so this scales within a length range)."""
+    modules = {li.name: w.named[li.name] for li in layers}
+    sizes = [len(b) for b in w.batch_idx]
+    n = w.n
+    last = len(sizes) - 1
+    log(f"case R1 ({label}, {len(layers)} layers): warm-up (gradsight on the last batch, the reference on the "
+        "shortest example), then the reference on the longest example for the estimate")
+    real_gradsight(w, layers, last)
+    real_reference(w, modules, last, sizes[last] - 1)
+    s_long, _ = timed(lambda: real_reference(w, modules, 0, 0))
+    est = s_long.seconds * n  # an upper bound: every example as long as the longest
+    if args.realistic_ref_examples == "auto":
+        k_total = n if est <= args.realistic_ref_budget else max(len(sizes),
+                                                                 int(args.realistic_ref_budget / s_long.seconds))
+    else:
+        k_total = min(int(args.realistic_ref_examples), n)
+    log(f"  longest example ({w.n_tokens(0, 0)} tokens) took {s_long.seconds:.1f} s -> at most {est:.0f} s for all "
+        f"{n}; running the reference on {k_total}")
+    per_batch = [min(s, max(1, round(k_total * s / n))) for s in sizes]
+    subsets = [spread(s, k) for s, k in zip(sizes, per_batch)]
+    gs_samples, gs_stats, ref_samples = [], [], []
+    ref: dict[tuple[int, int], dict] = {}
+    per_b = []
+    for b, pos in enumerate(subsets):
+        g1, stats = timed(lambda: real_gradsight(w, layers, b))
+        rs = []
+        for e in pos:
+            r, vals = timed(lambda: real_reference(w, modules, b, e))
+            rs.append(r)
+            ref[(b, e)] = vals
+        g2, _ = timed(lambda: real_gradsight(w, layers, b))
+        gs_samples.append([g1, g2])
+        gs_stats.append(stats)
+        ref_samples.append(rs)
+        use = [x for x in rs if x.clean] or rs
+        per_b.append({"batch": b, "shape": list(w.batches[b]["input_ids"].shape), "positions": pos,
+                      "n_tokens": [w.n_tokens(b, e) for e in pos], "gradsight_s": secs([g1, g2]),
+                      "reference_per_ex_s": statistics.mean(x.seconds for x in use),
+                      "reference": [asdict(x) for x in rs], "gradsight": [asdict(g1), asdict(g2)]})
+        log(f"  batch {b} {tuple(w.batches[b]['input_ids'].shape)}: gradsight {g1.seconds:.2f} / {g2.seconds:.2f} s; "
+            f"reference {per_b[-1]['reference_per_ex_s']:.2f} s/ex on {len(pos)}/{sizes[b]} ex")
+    gs_total = sum(p["gradsight_s"] for p in per_b)
+    ref_total = sum(p["reference_per_ex_s"] * s for p, s in zip(per_b, sizes))
+    n_ref = sum(len(p) for p in subsets)
+    n_clean = sum(x.clean for rs in ref_samples for x in rs) + sum(x.clean for ss in gs_samples for x in ss)
+    n_all = n_ref + 2 * len(gs_samples)
+    scaled = "all examples" if n_ref == n else (f"{n_ref}/{n} ex spread over the lengths (per batch: mean s/ex x "
+                                                "batch size)")
+    d, where = max_rel_diff(gs_stats, ref, "nuclear")
+    raw = {"per_batch": per_b, "warmup_longest": asdict(s_long), "gradsight_s": gs_total, "reference_s": ref_total,
+           "max_rel_diff_nuclear": {"value": d, "where": where}}
+    tag = "attention q,k,v,o" if label == "attention" else "all linear"
+    rows = [
+        Row(f"R1 gradsight / paper method, {tag} ({len(layers)} layers)", gs_total / ref_total, goal,
+            f"gradsight {gs_total:.1f} s (batches bracketing the reference) vs reference {ref_total:.1f} s "
+            f"({ref_total / n:.2f} s/ex; per example loop_grads + {len(layers)} svdvals f32 + spectral_stats; "
+            f"{scaled}) for {n} ex; {n_clean}/{n_all} timings clean" + ("" if n_clean else " (CONTENDED)")),
+        Row(f"R1 max rel diff nuclear, {tag}", d, "info", f"{n_ref} ex x {len(layers)} layers; worst {where}",
+            unit="rel"),
+    ]
+    return rows, raw
+
+
+# --- R3: per-example gradient norms on a small transformer ---
+
+
+def r3_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=R3_VOCAB, hidden_size=R3_D, intermediate_size=4 * R3_D, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2 * R3_T,
+                      tie_word_embeddings=False, attention_dropout=0.0, attn_implementation="eager")
+    return LlamaForCausalLM(cfg).eval()
+
+
+def r3_losses(model, ids: torch.Tensor) -> torch.Tensor:
+    """(B,) next-token cross-entropy per sequence, token mean over all T - 1 targets."""
+    logits = model(input_ids=ids).logits[:, :-1]
+    tok = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                            reduction="none")
+    return tok.view(ids.shape[0], -1).mean(1)
+
+
+def r3_methods(base, names: list[str], ids: torch.Tensor) -> tuple[dict[str, Callable], dict[str, str]]:
+    """{method: fn() -> (B,) float64 per-example squared gradient norm over the weights `names`}; each on its
+    own copy of the model (the same weights), only those weights trainable. And {method: why it is missing}."""
+    import copy
+    import warnings
+
+    def copy_of(train: bool = False):
+        m = copy.deepcopy(base)
+        for n, p in m.named_parameters():
+            p.requires_grad_(n.endswith(".weight") and n.removesuffix(".weight") in names)
+        return m.train(train)
+
+    fns, missing = {}, {}
+    mp = copy_of()
+
+    def plain():
+        r3_losses(mp, ids).sum().backward()
+        mp.zero_grad(set_to_none=True)
+
+    fns["plain"] = plain
+
+    from gradsight.measures.spectra import sq_norms
+    from gradsight.measures.step import backward_step
+
+    mg = copy_of()
+    mods = dict(mg.named_modules())
+    layer_mods = {n: mods[n] for n in names}
+    tokens = torch.ones(ids.shape, dtype=torch.bool)
+    norms = sq_norms()
+
+    def gradsight():
+        step = backward_step(mg, layer_mods, ids, r3_losses, tokens=tokens)
+        return sum(norms(step).values())
+
+    fns["gradsight"] = gradsight
+
+    from torch.func import functional_call, grad, vmap
+
+    mf = copy_of()
+    params = {n: p.detach() for n, p in mf.named_parameters() if n.removesuffix(".weight") in names}
+    rest = {n: p.detach() for n, p in mf.named_parameters() if n not in params}
+    rest.update(dict(mf.named_buffers()))
+
+    def one_loss(pr, x):
+        return r3_losses(lambda **kw: functional_call(mf, (pr, rest), (), kw), x.unsqueeze(0))[0]
+
+    per_ex = vmap(grad(one_loss), in_dims=(None, 0))
+
+    def torch_func():
+        g = per_ex(params, ids)
+        return sum(v.double().pow(2).flatten(1).sum(1) for v in g.values())
+
+    fns["torch.func"] = torch_func
+
+    try:
+        from opacus import GradSampleModule
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+        # Opacus records activations only in training mode (this config has no dropout: same computation)
+        gsm = GradSampleModule(copy_of(train=True), batch_first=True, loss_reduction="sum", strict=False)
+        trainable = [p for p in gsm.parameters() if p.requires_grad]
+
+        def opacus():
+            r3_losses(gsm, ids).sum().backward()
+            out = sum(p.grad_sample.double().pow(2).flatten(1).sum(1) for p in trainable)
+            gsm.zero_grad(set_to_none=True)
+            return out
+
+        fns["opacus"] = opacus
+        ghost = GradSampleModuleFastGradientClipping(copy_of(train=True), batch_first=True, loss_reduction="sum",
+                                                     strict=False, use_ghost_clipping=True)
+
+        def opacus_ghost():
+            r3_losses(ghost, ids).sum().backward()
+            out = ghost.get_norm_sample().double().pow(2)
+            ghost.zero_grad(set_to_none=True)
+            return out
+
+        fns["opacus_ghost"] = opacus_ghost
+    except ImportError as e:
+        missing["opacus"] = f"not importable ({e})"
+
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import BatchL2Grad
+
+        mb = copy_of()
+        bmods = dict(mb.named_modules())
+        for n in names:
+            extend(bmods[n])
+        trainable_b = [p for p in mb.parameters() if p.requires_grad]
+
+        def backpack_l2():
+            with warnings.catch_warnings(), backpack(BatchL2Grad()):
+                warnings.simplefilter("ignore")  # "extension hooks on a non-extended module" notes
+                r3_losses(mb, ids).sum().backward()
+            out = sum(p.batch_l2.double() for p in trainable_b)
+            mb.zero_grad(set_to_none=True)
+            return out
+
+        fns["backpack"] = backpack_l2
+    except ImportError as e:
+        missing["backpack"] = f"not importable ({e})"
+    return fns, missing
+
+
+def case_real_r3(args) -> tuple[list[Row], dict]:
+    from gradsight.inputs.models import select_layers
+
+    base = r3_model()
+    names = [li.name for li in select_layers(base)]
+    ids = torch.randint(0, R3_VOCAB, (R3_B, R3_T), generator=torch.Generator().manual_seed(0))
+    fns, missing = r3_methods(base, names, ids)
+    # exactness first (untimed): every method against one backward per sequence
+    ref = []
+    import copy
+
+    m0 = copy.deepcopy(base)
+    for n_, p in m0.named_parameters():
+        p.requires_grad_(n_.endswith(".weight") and n_.removesuffix(".weight") in names)
+    for e in range(R3_B):
+        m0.zero_grad(set_to_none=True)
+        r3_losses(m0, ids[e:e + 1])[0].backward()
+        ref.append(sum(float(p.grad.double().pow(2).sum()) for p in m0.parameters() if p.requires_grad))
+    ref_t = torch.tensor(ref, dtype=torch.float64)
+    err, failed = {}, {}
+    for k, f in list(fns.items()):
+        if k == "plain":
+            continue
+        try:
+            out = f()
+            err[k] = float(((out - ref_t).abs() / ref_t).max())
+        except Exception as ex:  # a peer package that cannot handle this model: reported, not fatal
+            failed[k] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:160]}"
+            del fns[k]
+    reps = args.r3_reps
+    timed_fns = {k: (lambda f=f: [f() for _ in range(reps)]) for k, f in fns.items()}
+    log(f"case R3: {len(names)} layers, {R3_B} x {R3_T} tokens; warm-up + {args.r3_rounds} interleaved rounds of "
+        f"{', '.join(fns)} ({reps} calls per timing)")
+    t = interleaved(timed_fns, args.r3_rounds)
+    raw = {"model": {"arch": f"Llama, 2 blocks, d {R3_D}, ffn {4 * R3_D}, 4 heads, vocab {R3_VOCAB}, eager attention",
+                     "layers": names, "batch": [R3_B, R3_T]}, "reps_per_timing": reps,
+           "times": {k: [asdict(x) for x in v] for k, v in t.items()}, "max_rel_err_vs_loop": err,
+           "failed": failed, "missing": missing}
+    rows = []
+    what = {"gradsight": "backward_step (capture) + sq_norms measure: ||G_e^T A_e||^2 from T x T Grams",
+            "torch.func": "vmap(grad(functional_call)) per sequence, then squared sums",
+            "opacus": "GradSampleModule (grad_sample per example materialised), loss_reduction sum",
+            "opacus_ghost": "GradSampleModuleFastGradientClipping(use_ghost_clipping=True).get_norm_sample()",
+            "backpack": "extend() on the 14 Linear modules, BatchL2Grad"}
+    for k in ("gradsight", "torch.func", "opacus", "opacus_ghost", "backpack"):
+        if k in t:
+            r, note = paired_ratio(t[k], t["plain"])
+            rows.append(Row(f"R3 per-example grad norms: {k} / plain fwd+bwd", r, "<= 1.2" if k == "gradsight" else "info",
+                            f"{note}; {k} {secs(t[k]) / reps * 1e3:.0f} ms, plain {secs(t['plain']) / reps * 1e3:.0f} ms "
+                            f"per call; {what[k]}; max rel err vs per-sequence backward {err.get(k, float('nan')):.1e}"))
+        else:
+            why = failed.get(k) or missing.get(k) or missing.get(k.split("_")[0], "not run")
+            rows.append(Row(f"R3 per-example grad norms: {k} / plain fwd+bwd", float("nan"), "info",
+                            f"not measured: {why}"))
+    return rows, raw
+
+
+# --- R4: landscape grid points per second ---
+
+
+def case_real_r4(args) -> tuple[list[Row], dict]:
+    """gradsight grid_2d(batch_points="auto") vs loss_landscapes.random_plane, 21 x 21, the digits MLP of
+    benchmarks/curvature.py case 5 (float64, one torch thread as there), interleaved with the load monitor."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    try:
+        import loss_landscapes
+        from loss_landscapes.metrics import Loss
+    except ImportError as e:
+        return [Row("R4 landscape points/s gradsight / loss-landscapes", float("nan"), "info",
+                    f"not measured: loss-landscapes not importable ({e}); `make bench` installs it")], {}
+    from gradsight.demo.digits import train_digits_mlp
+    from gradsight.landscape import BatchLoss, grid_2d, random_direction
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, (X, y), _, acc = train_digits_mlp(hidden=32, epochs=10, seed=0)
+        steps, reps = 21, args.r4_reps
+        axis = np.linspace(-1.0, 1.0, steps)
+        loss = BatchLoss([(X, y)], F.cross_entropy)
+        paths: list[str] = []
+
+        def ours():
+            for _ in range(reps):
+                d1, d2 = random_direction(model, seed=0), random_direction(model, seed=1)
+                r = grid_2d(model, loss, d1, d2, axis, axis, batch_points="auto")
+                paths.append(r.meta["path"])
+            return r
+
+        def theirs():
+            for _ in range(reps):
+                torch.manual_seed(0)
+                z = loss_landscapes.random_plane(model, Loss(F.cross_entropy, X, y), distance=1, steps=steps,
+                                                 normalization="filter", deepcopy_model=True)
+            return z
+
+        log(f"case R4: landscape {steps}x{steps}, warm-up + {args.r4_rounds} interleaved rounds ({reps} grids per "
+            "timing, 1 torch thread)")
+        t = interleaved({"gradsight": ours, "loss_landscapes": theirs}, args.r4_rounds)
+        r, note = paired_ratio(t["loss_landscapes"], t["gradsight"])
+        pts = steps * steps * reps
+        z_ours, z_theirs = ours().to_array(), theirs()
+        chosen = max(set(paths), key=paths.count)
+        raw = {"grid": [steps, steps], "reps_per_timing": reps, "test_accuracy": acc, "auto_paths": paths,
+               "times": {k: [asdict(x) for x in v] for k, v in t.items()},
+               "center_loss": [float(z_ours[steps // 2, steps // 2]), float(z_theirs[steps // 2, steps // 2])]}
+        return [Row("R4 landscape points/s gradsight / loss-landscapes", r, ">= 1.0",
+                    f"{note}; gradsight (auto: {chosen}) {pts / secs(t['gradsight']):.0f} vs loss-landscapes "
+                    f"{pts / secs(t['loss_landscapes']):.0f} points/s; digits MLP 64-32-32-10 float64, 1257 rows, "
+                    f"{steps}x{steps} filter-normalised random plane, 1 torch thread")], raw
+    finally:
+        torch.set_num_threads(threads)
+
+
+def src_state() -> dict:
+    """`git status --short src` and `git diff --stat src` at the time of the run (other work in progress)."""
+    out = {}
+    for key, cmd in (("status", ["git", "status", "--short", "src"]), ("diff_stat", ["git", "diff", "--stat", "src"]),
+                     ("head", ["git", "rev-parse", "--short", "HEAD"])):
+        try:
+            out[key] = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as e:
+            out[key] = f"unavailable: {e}"
+    return out
+
+
+def case_realistic(args) -> tuple[list[Row], dict]:
+    raw: dict = {"src_state_start": src_state()}
+    rows: list[Row] = []
+    w = load_realistic(args.realistic_problems)
+    r, raw["data"] = real_data_rows(w)
+    rows += r
+    for row in r:
+        log(f"  {row.case}: {row.details}")
+    r, raw["R2"] = case_real_r2(args, w)
+    rows += r
+    r, raw["R1_attention"] = case_real_r1(args, w, "attention", w.layers_attn, "<= 0.45")
+    rows += r
+    r, raw["R1_all"] = case_real_r1(args, w, "all", w.layers_all, "<= 0.1")
+    rows += r
+    del w
+    gc.collect()
+    r, raw["R3"] = case_real_r3(args)
+    rows += r
+    r, raw["R4"] = case_real_r4(args)
+    rows += r
+    raw["src_state_end"] = src_state()
+    return rows, raw
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 
 def machine() -> dict:
@@ -1139,7 +1679,7 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-SECTIONS = {"layers": "1", "synthetic": "2", "memory": "3", "geometry": "4"}
+SECTIONS = {"layers": "1", "synthetic": "2", "memory": "3", "geometry": "4", "realistic": "R"}
 
 
 def parse_args(argv=None):
@@ -1158,7 +1698,8 @@ def parse_args(argv=None):
     p.add_argument("--max-wait", type=float, default=None,
                    help="seconds to wait for other processes to leave the CPU before each timing (default 60, "
                         "quick 10)")
-    p.add_argument("--cases", default="1,2,3,4", help="comma-separated subset of cases to run")
+    p.add_argument("--cases", default="1,2,3,4,R",
+                   help="comma-separated subset of cases to run (R: the realistic cases R1-R4)")
     p.add_argument("--only", default=None,
                    help="comma-separated sections to run instead of --cases: " + ", ".join(
                        f"{k} (case {v})" for k, v in SECTIONS.items()))
@@ -1170,6 +1711,19 @@ def parse_args(argv=None):
                    help="case 4 timings of the naive route's dense projection (default 2, quick 1)")
     p.add_argument("--geom-memory-n", type=int, nargs="+", default=None,
                    help="case 4 example counts of the memory subprocesses (default 16 32 64, quick 4 8 16)")
+    p.add_argument("--realistic-problems", type=int, default=None,
+                   help="realistic data set size in problems, 4 records each (default 10, quick 2)")
+    p.add_argument("--realistic-rounds", type=int, default=None,
+                   help="interleaved rounds of case R2 (default 3, quick 1)")
+    p.add_argument("--realistic-ref-examples", default=None,
+                   help="case R1 reference examples per layer set ('auto': all when the longest example x n is "
+                        "under --realistic-ref-budget, else a subset spread over the batches; quick 2)")
+    p.add_argument("--realistic-ref-budget", type=float, default=600.0,
+                   help="case R1: seconds the reference may take per layer set in 'auto' mode (default 600)")
+    p.add_argument("--r3-rounds", type=int, default=None, help="interleaved rounds of case R3 (default 7, quick 2)")
+    p.add_argument("--r3-reps", type=int, default=None, help="case R3 calls per timing (default 3, quick 1)")
+    p.add_argument("--r4-rounds", type=int, default=None, help="interleaved rounds of case R4 (default 7, quick 2)")
+    p.add_argument("--r4-reps", type=int, default=None, help="case R4 grids per timing (default 3, quick 1)")
     p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_geometry-memory-child", dest="geometry_memory_child", type=int, default=None,
                    help=argparse.SUPPRESS)
@@ -1195,6 +1749,13 @@ def parse_args(argv=None):
     a.geom_ref_rounds = a.geom_ref_rounds or (1 if q else 2)
     a.geom_naive_rounds = a.geom_naive_rounds or (1 if q else 2)
     a.geom_memory_n = sorted(a.geom_memory_n or ([4, 8, 16] if q else [16, 32, 64]))
+    a.realistic_problems = a.realistic_problems or (2 if q else 10)
+    a.realistic_rounds = a.realistic_rounds or (1 if q else 3)
+    a.realistic_ref_examples = a.realistic_ref_examples or ("2" if q else "auto")
+    a.r3_rounds = a.r3_rounds or (2 if q else 7)
+    a.r3_reps = a.r3_reps or (1 if q else 3)
+    a.r4_rounds = a.r4_rounds or (2 if q else 7)
+    a.r4_reps = a.r4_reps or (1 if q else 3)
     if a.only is not None:
         names = [c.strip() for c in a.only.split(",") if c.strip()]
         unknown = [c for c in names if c not in SECTIONS]
@@ -1241,17 +1802,22 @@ def main(argv=None) -> int:
         del w
         gc.collect()
         geo_elapsed = time.perf_counter() - t4
+    real_rows: list[Row] = []
+    if "R" in args.cases:
+        tr = time.perf_counter()
+        real_rows, real_raw = case_realistic(args)
+        real_elapsed = time.perf_counter() - tr
     elapsed = time.perf_counter() - t0
     m = machine()
     title = (f"gradsight benchmarks ({'quick' if args.quick else 'full'}; {m['cpus']} CPUs, "
              f"{m['torch_threads']} torch threads, {'CUDA' if m['cuda'] else 'no GPU'}; {elapsed:.0f} s)")
-    print_table(rows + geo_rows, title)
+    print_table(rows + geo_rows + real_rows, title)
     try:
         old = json.loads(args.out.read_text(encoding="utf-8")) if args.out.exists() else {}
     except (OSError, ValueError):
         old = {}
-    if args.cases == {"4"}:  # geometry only: keep the other sections of the file as they are
-        doc = {k: v for k, v in old.items() if k != "geometry"}
+    if not args.cases & {"1", "2", "3"}:  # geometry / realistic only: keep the other sections as they are
+        doc = {k: v for k, v in old.items() if k not in ("geometry", "realistic")}
     else:
         doc = {
             "started": started, "elapsed_s": round(elapsed, 1), "mode": "quick" if args.quick else "full",
@@ -1272,6 +1838,20 @@ def main(argv=None) -> int:
             "results": [r.to_dict() for r in geo_rows], "raw": geo_raw}
     elif "geometry" in old:  # not run this time: keep the last geometry results
         doc["geometry"] = old["geometry"]
+    if "R" in args.cases:
+        doc["realistic"] = {
+            "started": started, "elapsed_s": round(real_elapsed, 1), "mode": "quick" if args.quick else "full",
+            "machine": m, "settings": {"model": MODEL, "n_problems": args.realistic_problems,
+                                       "n_records": 4 * args.realistic_problems, "max_length": R_MAX_LENGTH,
+                                       "token_budget": R_TOKEN_BUDGET, "max_batch": R_MAX_BATCH,
+                                       "rounds_R2": args.realistic_rounds,
+                                       "ref_examples": args.realistic_ref_examples,
+                                       "ref_budget_s": args.realistic_ref_budget, "rounds_R3": args.r3_rounds,
+                                       "reps_R3": args.r3_reps, "rounds_R4": args.r4_rounds, "reps_R4": args.r4_reps,
+                                       "max_wait_s": args.max_wait, "quiet_below_foreign_cores": QUIET},
+            "results": [r.to_dict() for r in real_rows], "raw": real_raw}
+    elif "realistic" in old:  # not run this time: keep the last realistic results
+        doc["realistic"] = old["realistic"]
     write_json_atomic(args.out, doc)
     log(f"wrote {args.out}")
     return 0
