@@ -227,6 +227,35 @@ def test_vectorised_grid_equals_sequential():
     np.testing.assert_allclose(vec.frame["loss"], seq.frame["loss"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_dirs, model_dtype", [(1, torch.float64), (2, torch.float64), (2, torch.float32),
+                                                  (3, torch.float64)])
+def test_sequential_path_writes_the_points_of_the_vectorised_path(n_dirs, model_dtype):
+    """The sequential path (one add per tensor per point, cached prefixes and last-direction products) sets
+    exactly the parameters `_points` computes for the vectorised path, on a grid, on an unordered point list
+    (prefixes change back and forth), with directions in float64 for a float32 model."""
+    from gradsight.landscape.evaluate import _points, evaluate_points
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).to(model_dtype)
+    dirs = [[torch.randn_like(p, dtype=torch.float64) for p in model.parameters()] for _ in range(n_dirs)]
+    theta0 = [p.detach().clone() for p in model.parameters()]
+    axes = [torch.linspace(-1, 1, 3, dtype=torch.float64)] * n_dirs
+    grid = torch.cartesian_prod(*axes).reshape(-1, n_dirs)
+    C = torch.cat([grid, grid[torch.randperm(len(grid), generator=torch.Generator().manual_seed(1))]])
+    seen = []
+
+    def record(m):
+        seen.append([p.detach().clone() for p in m.parameters()])
+        return 0.0
+
+    evaluate_points(model, record, dirs, C, batch_points=1, recompute_bn=None)
+    assert len(seen) == len(C)
+    for i, params in enumerate(seen):
+        for p, t0, ds in zip(params, theta0, zip(*dirs)):
+            assert torch.equal(p, _points(t0, ds, C[i:i + 1])[0].to(model_dtype)), (i, n_dirs)
+    assert all(torch.equal(p, t0) for p, t0 in zip(model.parameters(), theta0))
+
+
 @pytest.mark.parametrize("faster", ["vmap", "sequential"])
 def test_auto_batch_points_keeps_the_faster_path_and_the_values(monkeypatch, faster):
     import gradsight.landscape.evaluate as L

@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -293,6 +294,8 @@ def _cache_gguf(d: Path, gguf: str, target: Path) -> bool:
     import shutil
 
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    print(f"gradsight: de-quantising {gguf} once into {target} (about a minute on 2 CPU cores; later loads take "
+          "a second)", file=sys.stderr, flush=True)
     try:
         model, tok = _from_pretrained(d, gguf)
         tmp.mkdir(parents=True, exist_ok=True)

@@ -95,6 +95,8 @@ class BatchLoss:
 
     def value(self, forward: Callable) -> torch.Tensor:
         """The weighted loss as a 0-dim tensor; ``forward(*args, **kwargs)`` runs the model."""
+        if len(self.batches) == 1:  # the weighted mean of one batch is its loss (no extra ops per grid point)
+            return self._one(forward, self.batches[0])
         total, n = 0.0, 0
         for batch in self.batches:
             n_b = _batch_size(batch)
@@ -187,8 +189,9 @@ def _finite(v) -> float:
     return v if math.isfinite(v) else math.nan
 
 
-AUTO_PROBE = 4   # batch_points="auto": sequential points timed first,
-AUTO_CHUNK = 32  # then one vectorised chunk of this many points; the faster path does the rest;
+AUTO_PROBE = 8   # batch_points="auto": sequential points timed first,
+AUTO_CHUNK = 32  # then one vectorised chunk of this many points; the vectorised path does the rest only when
+AUTO_MARGIN = 0.85  # it took under this fraction of the sequential time per point (the probes are short);
 AUTO_MAX_BYTES = 1 << 29  # the chunk's stacked perturbed parameters stay under 512 MB (fewer points if needed)
 
 
@@ -219,10 +222,40 @@ def evaluate_points(model, loss_fn, directions, C: torch.Tensor, *, batch_points
     losses = np.full(len(C), np.nan)
 
     def sequential(lo: int, hi: int) -> None:
+        # Per point one add per tensor: theta = prefix + c_last * d_last, where prefix = theta* + sum of the other
+        # directions' terms (recomputed only when those coefficients change: once per row of a grid) and the
+        # products c * d_last are kept per coefficient value while they fit in AUTO_MAX_BYTES / 4 (a grid has
+        # one per column). The same float operations in the same order as `_points`, so the sequential and the
+        # vectorised paths write identical parameters.
+        k = len(directions)
+        dts = [ds[0].dtype for ds in per_tensor]
+        coef = {dt: C.to(dt) for dt in set(dts)}  # the coefficients in each direction dtype
+        prefix = [torch.empty_like(ds[0]) for ds in per_tensor]
+        work = [t.detach() if t.dtype == dt else torch.empty_like(ds[0]) for t, ds, dt in zip(live, per_tensor, dts)]
+        bytes_last = sum(ds[-1].numel() * ds[-1].element_size() for ds in per_tensor)
+        keep_last = bytes_last <= AUTO_MAX_BYTES // 4
+        last: dict[float, list[torch.Tensor]] = {}
+        head = None
+        rows = C.tolist()
         with torch.no_grad():
             for i in range(lo, hi):
-                for t, t0, ds in zip(live, theta0, per_tensor):
-                    t.copy_(_points(t0, ds, C[i:i + 1])[0])
+                key = tuple(rows[i][:k - 1])
+                if key != head:
+                    for pre, t0, ds, dt in zip(prefix, theta0, per_tensor, dts):
+                        pre.copy_(t0)
+                        for j in range(k - 1):
+                            pre.add_(ds[j] * coef[dt][i, j])
+                    head = key
+                c = rows[i][k - 1]
+                prods = last.get(c)
+                if prods is None:
+                    prods = [ds[-1] * coef[dt][i, k - 1] for ds, dt in zip(per_tensor, dts)]
+                    if keep_last and len(last) * bytes_last <= AUTO_MAX_BYTES // 4:
+                        last[c] = prods
+                for t, w, pre, pr in zip(live, work, prefix, prods):
+                    torch.add(pre, pr, out=w)
+                    if w is not t:
+                        t.copy_(w)
                 if recompute_bn is not None:
                     recompute_bn_stats(model, recompute_bn)
                 losses[i] = _finite(loss_fn(model))
@@ -248,7 +281,7 @@ def evaluate_points(model, loss_fn, directions, C: torch.Tensor, *, batch_points
                                         start=AUTO_PROBE, stop=AUTO_PROBE + G)
                     t_vec = (time.perf_counter() - t) / G
                     meta["auto"] = {"sequential_s_per_point": t_seq, "vmap_s_per_point": t_vec}
-                    if done > AUTO_PROBE and t_vec < t_seq:
+                    if done > AUTO_PROBE and t_vec < AUTO_MARGIN * t_seq:
                         done = _vmap_points(model, loss_fn, names, theta0, per_tensor, C, G, losses, meta,
                                             start=done)
                         meta["path"] = "vmap"
