@@ -196,3 +196,16 @@ def test_per_example_loss_equals_hf_loss(arch):
         hf = model(input_ids=x, labels=labels).loss.double()  # HF upcasts logits to float32 in its loss
         torch.testing.assert_close(fast[e], hf, rtol=1e-6, atol=1e-8)
         torch.testing.assert_close(summed[e], hf * sum(m[1:]), rtol=1e-6, atol=1e-8)
+
+
+def test_factored_grad_finite_flags_real_tokens_only():
+    from gradsight.capture.grads import FactoredGrad
+
+    A = torch.randn(4, 5, 3) * 1e30  # large but finite (float32): not flagged
+    G = torch.randn(4, 5, 2)
+    tokens = torch.ones(4, 5, dtype=torch.bool)
+    tokens[3, 4] = False
+    A[1, 2, 0] = float("nan")
+    G[2, 0, 1] = float("inf")
+    A[3, 4, 1] = float("nan")  # at a padded position: ignored
+    assert FactoredGrad(A, G, tokens).finite().tolist() == [True, False, False, True]

@@ -120,10 +120,15 @@ class FactoredGrad:
             self._cache.clear()
 
     def finite(self) -> torch.Tensor:
-        """(B,) bool: the example's factors are all finite."""
-        ok_a = torch.isfinite(self.masked(self.A)).flatten(1).all(1)
-        ok_g = torch.isfinite(self.masked(self.G)).flatten(1).all(1)
-        return ok_a & ok_g
+        """(B,) bool: the example's factors are all finite at its real tokens.
+
+        One read of each factor: per-token sums accumulated in float64 (a NaN or an infinity propagates; float32
+        or narrower values cannot overflow a float64 sum), padded positions left out."""
+        def ok(X: torch.Tensor) -> torch.Tensor:
+            s = X.sum(-1, dtype=torch.float64)  # (B, T)
+            return torch.isfinite(torch.where(self.tokens.bool(), s, torch.zeros((), dtype=s.dtype)).sum(1))
+
+        return ok(self.A) & ok(self.G)
 
 
 @dataclass

@@ -60,6 +60,7 @@ NORM_ROUTES = ("auto", "ghost", "dense")  # squared norms
 # a Cholesky 0.5-2 n^3.
 EIG = 4.0  # n x n symmetric eigenvalues, values only
 SVD = 8.0  # m x n singular values, m <= n
+SVD32 = 2.0  # the same in float32, in float64 multiply-adds (measured 1.5-2.2 m^2 n for 576 x 576 .. 1536 x 576)
 CHOL = 0.5  # n x n Cholesky factor
 F32 = 0.55  # a float32 GEMM multiply-add, in float64 ones (measured 0.53-0.57 here; the materialised G^T A of
             # float32 factors is formed in float32, see `singular_values`)
@@ -129,8 +130,10 @@ def sym_sqrt_factor(K: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tenso
 
 
 def dense_singular_values(M: torch.Tensor) -> torch.Tensor:
-    """Singular values of a batch of materialised gradients (B, m, n) in float64, descending."""
-    return torch.linalg.svdvals(M.double())
+    """Singular values (float64, descending) of a batch of materialised gradients (B, m, n), computed in M's
+    precision when M is float32 (the materialised gradient of float32 factors: an SVD does not square, so float32
+    is as exact as M itself, ~eps sigma_1), else in float64."""
+    return torch.linalg.svdvals(M if M.dtype == torch.float32 else M.double()).double()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,7 +154,7 @@ def _variant_costs(T: int, d_in: int, d_out: int, share: int = 1, single: bool =
         ("out", "M"): M + d_out**2 * d_in + EIG * d_out**3,
         ("in", "K"): Kg + T * T * d_in + T * d_in**2 + EIG * d_in**3,
         ("in", "M"): M + d_in**2 * d_out + EIG * d_in**3,
-        ("dense", "M"): M + SVD * m * m * n,
+        ("dense", "M"): M + (SVD32 if single else SVD) * m * m * n,
     }
 
 
@@ -168,7 +171,8 @@ def spectra_costs(T: int, d_in: int, d_out: int, share: int = 1, single: bool = 
                                                                                           + EIG d_out^3
         in     min(K_g + K_g A (T^2 d_in) + A^T (K_g A) (T d_in^2),          M + M^T M (d_in^2 d_out))
                                                                                           + EIG d_in^3
-        dense  M + SVD m^2 n                                                  (the reference, never "auto")
+        dense  M + SVD m^2 n     (the reference; float32 factors: SVD32 m^2 n in float32, then also an "auto"
+                                  candidate, as exact as the float32 M)
 
     EIG = 4, SVD = 8, CHOL = 0.5 are this module's constants (measured; see their comment). The two product
     orders of "out"/"in" give the same matrix; the cheaper one is used. Short sequences (T well below d) pick
@@ -204,7 +208,8 @@ def norm_costs(T: int, d_in: int, d_out: int, share: int = 1, single: bool = Fal
 
 def choose_routes(lengths, d_in: int, d_out: int, route: str = "auto", share: int = 1, single: bool = False
                   ) -> list[str]:
-    """Per-example singular-value route: `route` itself unless "auto", else the cheapest of gram/out/in.
+    """Per-example singular-value route: `route` itself unless "auto", else the cheapest of gram/out/in (and
+    dense for float32 factors, `single`).
 
     Args:
         lengths: real token counts T_e per example (the padded length plays no part).
@@ -215,9 +220,10 @@ def choose_routes(lengths, d_in: int, d_out: int, route: str = "auto", share: in
     if route != "auto":
         return [route] * len(lengths)
     out = []
+    candidates = ("gram", "out", "in", "dense") if single else ("gram", "out", "in")
     for T in lengths:
         c = spectra_costs(int(T), d_in, d_out, share, single)
-        out.append(min(("gram", "out", "in"), key=c.__getitem__))
+        out.append(min(candidates, key=c.__getitem__))
     return out
 
 
@@ -441,10 +447,12 @@ def singular_values(A: torch.Tensor, G: torch.Tensor, tokens: torch.Tensor | Non
             Tc = max(L[e] for e in rows)
             if rt in ("out", "in", "dense") and (rt == "dense" or not via_gram(rt, Tc, d_in, d_out, shared.share,
                                                                                  single)):
-                Mc = (rows_of.take(G, rows, Tc, mdt).transpose(-1, -2) @ rows_of.take(A, rows, Tc, mdt)).double()
+                Mc = rows_of.take(G, rows, Tc, mdt).transpose(-1, -2) @ rows_of.take(A, rows, Tc, mdt)
                 if rt == "out":  # (n, d_out, d_in)
+                    Mc = Mc.double()
                     s = _sym_eig_sv(Mc @ Mc.transpose(-1, -2))
                 elif rt == "in":
+                    Mc = Mc.double()
                     s = _sym_eig_sv(Mc.transpose(-1, -2) @ Mc)
                 else:
                     s = dense_singular_values(Mc)
