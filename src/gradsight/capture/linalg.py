@@ -403,6 +403,14 @@ def factored_singular_values(A: torch.Tensor, G: torch.Tensor, tokens: torch.Ten
     return _sym_eig_sv(L_a.transpose(-1, -2) @ K_g @ L_a)
 
 
+def _prepare(A, G, tokens, shared):
+    """The InputGrams of A (made from `tokens` unless given, and checked against A), and `_product_dtype`."""
+    if shared is None:
+        shared = InputGrams(A, tokens)
+    shared.check(A)
+    return (shared, *_product_dtype(A, G))
+
+
 def singular_values(A: torch.Tensor, G: torch.Tensor, tokens: torch.Tensor | None = None, route: str = "auto",
                     shared: InputGrams | None = None) -> torch.Tensor:
     """Exact singular values of every M_e = G_e^T A_e, each example by its own route at its real length T_e.
@@ -429,11 +437,8 @@ def singular_values(A: torch.Tensor, G: torch.Tensor, tokens: torch.Tensor | Non
     """
     B, T, d_in = A.shape
     d_out = G.shape[-1]
-    if shared is None:
-        shared = InputGrams(A, tokens)
-    shared.check(A)
+    shared, single, mdt = _prepare(A, G, tokens, shared)
     rows_of, L = shared.rows, shared.lengths
-    single, mdt = _product_dtype(A, G)
     routes = choose_routes(L, d_in, d_out, route, shared.share, single)
     r = min(T, d_in, d_out)
     out = torch.zeros(B, r, dtype=torch.float64, device=A.device)
@@ -503,11 +508,8 @@ def factored_sq_norms(A: torch.Tensor, G: torch.Tensor, K_a=None, K_g=None, toke
         raise ValueError(f"unknown route {route!r}; expected one of {NORM_ROUTES}")
     B, _, d_in = A.shape
     d_out = G.shape[-1]
-    if shared is None:
-        shared = InputGrams(A, tokens)
-    shared.check(A)
+    shared, single, mdt = _prepare(A, G, tokens, shared)
     rows_of, L = shared.rows, shared.lengths
-    single, mdt = _product_dtype(A, G)
     out = torch.zeros(B, dtype=torch.float64, device=A.device)
     costs = {t: norm_costs(t, d_in, d_out, shared.share, single) for t in set(L)}
     routes = [route if route != "auto" else min(costs[t], key=costs[t].__getitem__) for t in L]
