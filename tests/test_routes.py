@@ -112,6 +112,25 @@ def test_both_norm_routes_equal_dense(case):
     torch.testing.assert_close(fg.sq_norms(), want, rtol=1e-10, atol=0)
 
 
+def test_float32_norms_are_as_exact_as_the_float32_gradient():
+    """float32 factors: the dense route squares float32 row norms in float64 (no float64 copy of M); it agrees
+    with the float64 sum of squares of the same float32 M to ~n eps32, and huge entries fall back to float64."""
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(5, 40, 300, generator=g)
+    G = torch.randn(5, 40, 200, generator=g)
+    tokens = torch.ones(5, 40, dtype=torch.bool)
+    tokens[1, 25:] = False
+    M = (G * tokens[..., None]).transpose(-1, -2) @ (A * tokens[..., None])  # float32, like the route's own
+    want = M.double().pow(2).sum(dim=(-1, -2))
+    got = linalg.factored_sq_norms(A, G, tokens=tokens, route="dense")
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    big = 1e20 * A  # row norms overflow in float32, the norm itself is finite in float64
+    got = linalg.factored_sq_norms(big, G, tokens=tokens, route="dense")
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want * 1e40, rtol=1e-5, atol=0)
+
+
 def test_cost_model_short_sequences_gram_long_ones_the_smaller_side():
     # SmolLM2 attention (576 -> 576, 576 -> 192) and MLP (576 -> 1536, 1536 -> 576)
     for d_in, d_out in [(576, 576), (576, 192), (576, 1536), (1536, 576)]:
