@@ -83,3 +83,12 @@ def test_zero_gradient_gives_nan_ratios():
 def test_route_choice_prefers_dense_for_long_sequences():
     assert linalg.prefer_gram_route(64, 4096, 4096)
     assert not linalg.prefer_gram_route(8192, 64, 64)
+
+
+def test_eigvalsh_equals_torch_on_both_sides_of_the_one_thread_size():
+    """numpy's LAPACK runs on one thread below ONE_THREAD_BELOW and on its own pool above: same eigenvalues."""
+    g = torch.Generator().manual_seed(0)
+    for n in (7, linalg.ONE_THREAD_BELOW - 1, linalg.ONE_THREAD_BELOW + 1):
+        X = torch.randn(2, n, n, dtype=torch.float64, generator=g)
+        S = X + X.transpose(-1, -2)
+        torch.testing.assert_close(linalg.eigvalsh(S), torch.linalg.eigvalsh(S), rtol=1e-10, atol=1e-10 * n)

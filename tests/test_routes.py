@@ -98,18 +98,26 @@ def test_layers_sharing_one_input_grams_in_any_order(case, d_out2, routes):
                                    rtol=1e-10, atol=0)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(padded_factors())
 def test_both_norm_routes_equal_dense(case):
     A, G, tokens, _ = case
     fg = FactoredGrad(A, G, tokens)
     want = fg.materialize().flatten(1).pow(2).sum(1)
+    # the ghost sum adds T^2 terms (a_t.a_s)(g_t.g_s) whose size is up to (sum_t |a_t| |g_t|)^2: when the tokens'
+    # contributions cancel (||M|| much smaller), its rounding is eps times that scale, not times ||M||^2
+    m = tokens.unsqueeze(-1).to(A.dtype)
+    scale = ((A * m).norm(dim=-1) * (G * m).norm(dim=-1)).sum(-1).pow(2)
+
+    def close(got, msg):
+        err = (got - want).abs()
+        assert bool((err <= 1e-10 * want + 1e-13 * scale).all()), (msg, err, want, scale)
+
     for route in linalg.NORM_ROUTES:
-        got = linalg.factored_sq_norms(A, G, tokens=tokens, route=route)
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=0, msg=route)
-        torch.testing.assert_close(fg.sq_norms(route=route), want, rtol=1e-10, atol=0, msg=route)
+        close(linalg.factored_sq_norms(A, G, tokens=tokens, route=route), route)
+        close(fg.sq_norms(route=route), route)
     fg.K_a(), fg.K_g()  # with both padded Grams cached, the ghost sum over them
-    torch.testing.assert_close(fg.sq_norms(), want, rtol=1e-10, atol=0)
+    close(fg.sq_norms(), "cached Grams")
 
 
 def test_float32_norms_are_as_exact_as_the_float32_gradient():
