@@ -1,0 +1,843 @@
+"""`Monitor`: watch gradients while a model trains, in any loop, and record them per step and per layer.
+
+    mon = Monitor(model, optimizer, out="runs/train")       # attach (hooks only; the loop is unchanged)
+    for batch in data:
+        loss = model(**batch).loss
+        loss.backward()                                      # pre-clip norms are read when backward ends
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()                                     # post-clip norms before, update ratio after
+        optimizer.zero_grad()
+    mon.close()                                              # flush, summarise, diagnose, report
+
+Where the numbers are read (the facts that decide whether they are right; anchors/monitor-transforms §2.1):
+
+- **Pre-clip gradients** are read at the END of every backward pass, from a callback queued on the autograd
+  engine from inside a callback (so it runs after every callback queued during the backward, including
+  DDP's gradient all-reduce): the gradient is final for that backward and already averaged across ranks, and
+  clipping has not happened yet. Under gradient accumulation the last backward before the optimizer step
+  wins (the sync step: the accumulated gradient). Under fp16 AMP the values are divided by the GradScaler's
+  scale of that backward (the wandb #4369 failure is logging scaled gradients).
+- **The gradient the optimizer receives** (after clipping and any transform) is read in an optimizer step
+  pre-hook; the update ‖Δθ‖/‖θ‖ in a step post-hook from a copy of θ taken in the pre-hook.
+- **Skipped AMP steps** (GradScaler found inf/NaN) run no optimizer hook; the monitor wraps the scaler's
+  `step` to record them as skipped, with their non-finite layers.
+- Per-step values stay on the device; one host transfer per flush (`flush_every` steps). Hooks are excluded
+  from torch.compile (`torch._dynamo.disable`), so a compiled model keeps its graphs.
+- DTensor (FSDP2) gradients are reduced to full-tensor norms (`.full_tensor()` of the norm), not shard norms.
+
+Measures and their default schedules (`every=`; an int N, "log", a callable or None = off):
+
+    norms        1     pre/post-clip norm per parameter tensor and in total, clip coefficient, non-finite count
+    update       1     ‖Δθ_l‖/‖θ_l‖ and ‖θ_l‖ (needs the optimizer)
+    spikes       1     z-score of log‖g_l‖ against its EMA, max|g| against Stable-SPAM's EMA, SPAM's element
+                       rule g² > θ·v on Adam's v (when the optimizer keeps exp_avg_sq)
+    per_example  10    per-example gradient norms of every Linear layer from the factored capture (quantiles),
+                       gradient noise scale B_simple (EMAs of the unbiased |G|² and tr Σ, per layer and total)
+    gsnr         None  cockpit's GSNR per layer (materialises per-example gradients of layers under a size cap)
+    terms        10    gradients of named loss terms (`mon.terms(...)`): norms and pairwise cosines per layer
+    sharpness    None  λmax of the (Adam-preconditioned) Hessian on a fixed probe batch vs its threshold
+    softmax      None  softmax collapse (fp32, bf16) and the zero-loss share at the output layer
+    hist         1000  64-bin gradient histograms (TensorBoard sink)
+
+Alerts (online, per layer, in the run's ALERTS table and `mon.alerts`): SPAM's rule fired, |z| of log‖g_l‖ ≥
+`z_alert`, max|g| ≥ `max_abs_alert` × its EMA, non-finite gradients, sharpness above its threshold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from . import schema as S
+from .schedule import Schedule
+
+__all__ = ["Monitor", "Thresholds", "DEFAULT_EVERY", "MEASURES"]
+
+DEFAULT_EVERY: dict[str, Any] = {"norms": 1, "update": 1, "spikes": 1, "per_example": 10, "gsnr": None,
+                                 "terms": 10, "sharpness": None, "softmax": None, "hist": 1000}
+MEASURES = tuple(DEFAULT_EVERY)
+NEEDS_OPTIMIZER = ("update",)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The online detectors' settings (recorded in the run's identity).
+
+    Attributes:
+        spam: SPAM's element threshold θ on g²/v (5000: |g| > 70.7·sqrt(v)); `spam_skip` first steps unchecked
+            (v is still being built, SPAM's own warm-up of 20 steps).
+        ema: β of the EMA of log‖g_l‖ (mean and variance) behind the z-score; `warmup` steps before any z.
+        z_alert: |z| at which a layer's norm is a spike (not fed into the EMA).
+        max_abs_ema: θ of Stable-SPAM's EMA of max|g|; `max_abs_alert`: ratio max|g| / EMA that alerts.
+        noise_ema: β of the EMAs of the noise-scale numerator and denominator (NeoX: 0.99).
+    """
+
+    spam: float = 5000.0
+    spam_skip: int = 20
+    ema: float = 0.99
+    warmup: int = 20
+    z_alert: float = 6.0
+    max_abs_ema: float = 0.999
+    max_abs_alert: float = 10.0
+    noise_ema: float = 0.99
+
+
+def _no_compile(fn):
+    try:
+        return torch._dynamo.disable(fn)
+    except Exception:  # pragma: no cover - very old torch
+        return fn
+
+
+def _norms(tensors: list[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
+    """(L,) norms of `tensors` in one foreach call (see `_stack` for the dtype); full-tensor norms for DTensor
+    shards."""
+    if not tensors:
+        return torch.zeros(0)
+    if type(tensors[0]).__name__ == "DTensor":
+        out = []
+        for t in tensors:
+            n = torch.linalg.vector_norm(t, ord)
+            out.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
+        return _stack(out)
+    return _stack(torch._foreach_norm(tensors, ord))
+
+
+def _stack(norms) -> torch.Tensor:
+    """One (L,) vector: float64 when any norm is float64 (exact tests, float64 models), else float32 (half and
+    bfloat16 norms are upcast: norms of fp16 gradients overflow)."""
+    dt = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+    return torch.stack([n.to(dt) for n in norms])
+
+
+class Monitor:
+    """Record gradient statistics of `model` while it trains (see the module docstring).
+
+    Args:
+        model: the model being trained (its trainable parameters are watched; `params` narrows them).
+        optimizer: the torch.optim optimizer; needed by `update`, SPAM's rule and `sharpness` (also attachable
+            later with `attach_optimizer`, as the HF callback does).
+        scaler: a torch.amp.GradScaler under fp16 AMP (gradients are unscaled for every number).
+        out: run directory (parquet shards, resumable; see `train.schema`); None: keep in memory only.
+        every: {measure: schedule} overriding `DEFAULT_EVERY`.
+        params: regex on parameter names to watch (default: every parameter that requires grad).
+        layers: regex on Linear module names for `per_example` (default: every nn.Linear / Conv1D).
+        loss_fn, probe: ``loss_fn(model, batch) -> scalar`` and a fixed probe batch for `sharpness`.
+        output: the module whose output are the logits for `softmax` ("auto": get_output_embeddings(), or
+            the last Linear).
+        thresholds: detector settings (`Thresholds`).
+        flush_every: steps between host transfers / shard commits.
+        tensorboard: True (RUN/tb) or a log directory: also write TensorBoard event files.
+        start_step: the step the training resumes from (rows written again for later steps replace old ones).
+        batch_size: examples per optimizer step (manifest; diagnoses compare the noise scale with it).
+        meta: extra informational manifest fields.
+        on_alert: called with each alert dict when it is raised (at flush).
+        report: write the report on `close()` (needs `out`).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, scaler=None,
+                 out: str | Path | None = None, every: Mapping[str, Any] | None = None,
+                 params: str | None = None, layers: str | None = None,
+                 loss_fn: Callable | None = None, probe: Any = None, output: Any = "auto",
+                 thresholds: Thresholds | None = None, flush_every: int = 50,
+                 tensorboard: bool | str | Path = False, start_step: int = 0, batch_size: int | None = None,
+                 meta: Mapping[str, Any] | None = None, on_alert: Callable[[dict], None] | None = None,
+                 report: bool = True):
+        unknown = sorted(set(every or {}) - set(MEASURES))
+        if unknown:
+            raise ValueError(f"unknown measure(s) {unknown}; known: {', '.join(MEASURES)}")
+        self.every = {k: Schedule.of(v, what=f"every[{k!r}]")
+                      for k, v in {**DEFAULT_EVERY, **dict(every or {})}.items()}
+        if not isinstance(flush_every, int) or isinstance(flush_every, bool) or flush_every < 1:
+            raise ValueError(f"flush_every={flush_every!r} makes no sense; use an int >= 1")
+        self.model = model
+        self.th = thresholds or Thresholds()
+        self.flush_every = flush_every
+        self.on_alert = on_alert
+        self.loss_fn, self.probe_batch = loss_fn, probe
+        self._write_report = report
+        pat = re.compile(params) if params else None
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (pat is None or pat.search(n))]
+        if not self.named:
+            raise ValueError(f"no trainable parameter matches params={params!r}")
+        self.names = [n for n, _ in self.named]
+        self.plist = [p for _, p in self.named]
+        self.L = len(self.plist)
+        if self.every["sharpness"].on and (loss_fn is None or probe is None):
+            raise ValueError("the 'sharpness' measure needs loss_fn=(model, batch) -> loss and a fixed probe "
+                             "batch (probe=...)")
+        self.step = int(start_step)
+        self._opt0 = optimizer
+        self.alerts: list[dict] = []
+        self.optimizer = None
+        self.scaler = scaler
+        self._handles: list = []
+        self._buffer: list[tuple[int, str, list[str] | None, str, torch.Tensor]] = []
+        self._flushed: list[pd.DataFrame] = []
+        self._losses: list[torch.Tensor] = []
+        self._auto_loss = True
+        self._armed = False
+        self._pre: torch.Tensor | None = None
+        self._pre_nonfinite: torch.Tensor | None = None
+        self._stepped = False
+        self._saved: list[torch.Tensor] | None = None
+        self._micro = 0
+        self._closed = False
+        dev = self.plist[0].device
+        nan = torch.full((self.L,), float("nan"), device=dev)
+        self._z = {"m": torch.zeros(self.L, device=dev), "v": torch.zeros(self.L, device=dev), "n": 0}
+        self._mx = {"m": torch.zeros(self.L, device=dev), "n": 0}
+        self._nan = nan
+        # per-example capture
+        self._pe_layers = self._linear_layers(layers) if (self.every["per_example"].on or self.every["gsnr"].on) else {}
+        self._pe_names = [_weight_name(n) for n in self._pe_layers]
+        self._capture = None
+        self._tape = None
+        self._pe_acc: dict[str, list] = {}
+        self._noise = {"S": None, "G": None, "n": 0}
+        self._tokens = None
+        # probes
+        self._sharp = None
+        self._softmax = None
+        if self.every["softmax"].on:
+            from .probes import SoftmaxCollapseProbe
+
+            self._softmax = SoftmaxCollapseProbe(self._output_module(output))
+        self._terms_rows: list = []
+        # sinks
+        self.sinks: list = []
+        self.out = Path(out) if out is not None else None
+        self._rank0 = _rank() == 0
+        if self.out is not None and self._rank0:
+            from .sinks import RunSink, TensorBoardSink
+
+            self.sinks.append(RunSink(self.out, self.identity(), self._meta(batch_size, meta)))
+            if tensorboard:
+                logdir = self.out / "tb" if tensorboard is True else Path(tensorboard)
+                self.sinks.append(TensorBoardSink(logdir))
+        elif tensorboard and self._rank0:
+            if tensorboard is True:
+                raise ValueError("tensorboard=True writes into the run directory: give out=..., or a log "
+                                 "directory as tensorboard=PATH")
+            from .sinks import TensorBoardSink
+
+            self.sinks.append(TensorBoardSink(Path(tensorboard)))
+        self._install()
+        if optimizer is not None:
+            self.attach_optimizer(optimizer)
+        elif self.every["update"].on and every is not None and "update" in every and every["update"]:
+            raise ValueError("the 'update' measure needs the optimizer: Monitor(model, optimizer, ...) or "
+                             "attach_optimizer(optimizer) before training")
+
+    # --- set-up --------------------------------------------------------------------------------------------
+    def identity(self) -> dict:
+        return {"every": {k: s.describe() for k, s in self.every.items()},
+                "thresholds": asdict(self.th),
+                "params": {n: list(p.shape) for n, p in self.named},
+                "per_example_layers": self._pe_names}
+
+    def _meta(self, batch_size, meta) -> dict:
+        return {"batch_size": batch_size, "world_size": _world(), "start_step": self.step,
+                "model": type(self.model).__name__, "optimizer": optimizer_meta(self._opt0),
+                **(dict(meta or {}))}
+
+    def _linear_layers(self, pattern: str | None) -> dict[str, nn.Module]:
+        from ..capture.hooks import is_factorable
+
+        pat = re.compile(pattern) if pattern else None
+        watched = set(map(id, self.plist))
+        out = {n: m for n, m in self.model.named_modules()
+               if is_factorable(m) and id(m.weight) in watched and (pat is None or pat.search(n))}
+        if not out:
+            raise ValueError(f"per_example: no Linear layer with a watched weight matches layers={pattern!r}")
+        return out
+
+    def _output_module(self, output) -> nn.Module:
+        if isinstance(output, nn.Module):
+            return output
+        if isinstance(output, str) and output != "auto":
+            return dict(self.model.named_modules())[output]
+        get = getattr(self.model, "get_output_embeddings", None)
+        mod = get() if callable(get) else None
+        if mod is None:
+            linears = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ValueError("softmax: no output layer found; pass output=MODULE")
+            mod = linears[-1]
+        return mod
+
+    def _install(self) -> None:
+        hook = _no_compile(self._on_grad)
+        for p in self.plist:
+            self._handles.append(p.register_post_accumulate_grad_hook(hook))
+        self._handles.append(self.model.register_forward_pre_hook(_no_compile(self._on_forward_pre),
+                                                                  with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(_no_compile(self._on_forward)))
+        if self.scaler is not None:
+            self._wrap_scaler(self.scaler)
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Watch `optimizer`'s steps (pre-hook: post-clip gradients; post-hook: update, step boundary)."""
+        if self.optimizer is optimizer:
+            return
+        self.optimizer = optimizer
+        self._handles.append(optimizer.register_step_pre_hook(_no_compile(self._before_step)))
+        self._handles.append(optimizer.register_step_post_hook(_no_compile(self._after_step)))
+        if self.every["sharpness"].on:
+            from .probes import SharpnessProbe
+
+            self._sharp = SharpnessProbe(self.model, self.loss_fn, self.probe_batch, params=self.plist)
+
+    def attach_scaler(self, scaler) -> None:
+        self.scaler = scaler
+        self._wrap_scaler(scaler)
+
+    def _wrap_scaler(self, scaler) -> None:
+        if getattr(scaler, "_gradsight_wrapped", False) or not getattr(scaler, "is_enabled", lambda: False)():
+            return
+        real = scaler.step
+
+        def step(optimizer, *args, **kwargs):
+            self._stepped = False
+            out = real(optimizer, *args, **kwargs)
+            if not self._stepped and optimizer is self.optimizer:
+                self._record_skipped()
+            return out
+
+        scaler.step = step
+        scaler._gradsight_wrapped = True
+
+    def due(self, measure: str) -> bool:
+        """Whether `measure` runs at the current step."""
+        if measure not in self.every:
+            raise ValueError(f"unknown measure {measure!r}; known: {', '.join(MEASURES)}")
+        return self.every[measure](self.step)
+
+    # --- hooks ---------------------------------------------------------------------------------------------
+    def _on_forward_pre(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self._tokens = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+        if torch.is_grad_enabled() and module.training and self._capture is None and self._pe_layers and (
+                self.due("per_example") or self.due("gsnr")):
+            from ..capture import capture
+
+            self._capture = contextlib.ExitStack()
+            self._tape = self._capture.enter_context(capture(self.model, self._pe_layers, freeze=False))
+            if self._tokens is not None:
+                self._tape.set_tokens(self._tokens)
+        if self._softmax is not None and module.training and self.due("softmax"):
+            self._softmax.arm()
+        return None
+
+    def _on_forward(self, module, args, output):
+        loss = getattr(output, "loss", None) if not torch.is_tensor(output) else None
+        if self._auto_loss and torch.is_tensor(loss) and loss.dim() == 0 and module.training:
+            self._losses.append(loss.detach().double())
+
+    def log_loss(self, loss: torch.Tensor | float) -> None:
+        """Record the loss of a micro-batch (the step's loss is their mean). Turns off reading HF outputs."""
+        self._auto_loss = False
+        self._losses.append(loss.detach().double() if torch.is_tensor(loss) else torch.tensor(float(loss), dtype=torch.float64))
+
+    def _on_grad(self, p) -> None:
+        if self._armed:
+            return
+        self._armed = True
+        queue = torch.autograd.Variable._execution_engine.queue_callback
+        # a callback queued from a callback runs after every callback queued during the backward (DDP's
+        # all-reduce finalisation included): the gradients are then final for this backward
+        queue(lambda: queue(self._after_backward))
+
+    def _after_backward(self) -> None:
+        self._armed = False
+        self._micro += 1
+        inv = self._inv_scale()
+        if self.every["norms"].on or self.every["spikes"].on:
+            grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in self.plist]
+            pre = _norms(grads)
+            self._pre = pre * inv if inv is not None else pre
+        if self._capture is not None:
+            try:
+                self._per_example(inv)
+            finally:
+                self._capture.close()
+                self._capture, self._tape = None, None
+
+    def _inv_scale(self) -> torch.Tensor | None:
+        sc = self.scaler
+        if sc is None or not getattr(sc, "is_enabled", lambda: False)():
+            return None
+        scale = getattr(sc, "_scale", None)
+        return None if scale is None else (1.0 / scale.float()).to(self.plist[0].device)
+
+    def _before_step(self, optimizer, args, kwargs):
+        self._stepped = True
+        closure = kwargs.get("closure", args[0] if args else None)
+        if callable(closure):
+            # the backward happens inside step(closure) (Lightning, LBFGS): read after the closure has run
+            def wrapped():
+                out = closure()
+                self._read_before_update()
+                return out
+
+            if "closure" in kwargs:
+                return args, {**kwargs, "closure": wrapped}
+            return (wrapped, *args[1:]), kwargs
+        self._read_before_update()
+        return None
+
+    def _read_before_update(self) -> None:
+        post = _norms([p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in self.plist])
+        self._post = post
+        if self.every["update"](self.step):
+            if self._saved is None:
+                self._saved = [torch.empty_like(p) for p in self.plist]
+            torch._foreach_copy_(self._saved, [p.detach() for p in self.plist])
+        if self.every["spikes"](self.step):
+            self._spikes(post)
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        step = self.step
+        pre = self._pre if self._pre is not None else self._post
+        rows: dict[str, torch.Tensor] = {}
+        if self.every["norms"](step):
+            rows[S.GRAD_NORM] = pre
+            rows[S.GRAD_NORM_CLIPPED] = self._post
+            self._scalar(step, S.GRAD_NORM, pre.double().pow(2).sum().sqrt())
+            self._scalar(step, S.GRAD_NORM_CLIPPED, self._post.double().pow(2).sum().sqrt())
+            total_pre = pre.double().pow(2).sum().sqrt()
+            self._scalar(step, S.CLIP_COEF, self._post.double().pow(2).sum().sqrt() / total_pre)
+            bad = (~torch.isfinite(pre)).float()
+            rows[S.NONFINITE] = bad
+            self._scalar(step, S.NONFINITE, bad.sum())
+        if self.every["update"](step) and self._saved is not None:
+            delta = torch._foreach_sub([p.detach() for p in self.plist], self._saved)
+            dn, pn = _norms(delta), _norms(self._saved)
+            rows[S.UPDATE_RATIO] = dn / pn
+            rows[S.PARAM_NORM] = pn
+            self._scalar(step, S.UPDATE_RATIO, dn.double().pow(2).sum().sqrt() / pn.double().pow(2).sum().sqrt())
+            self._scalar(step, S.PARAM_NORM, pn.double().pow(2).sum().sqrt())
+        for k, v in getattr(self, "_spike_rows", {}).items():
+            rows[k] = v
+        self._spike_rows = {}
+        for k, v in rows.items():
+            self._buffer.append((step, "L", None, k, v))
+        self._scalar(step, S.SKIPPED, 0.0)
+        self._finish_step(step)
+
+    def _record_skipped(self) -> None:
+        step = self.step
+        if self._pre is not None:
+            self._buffer.append((step, "L", None, S.GRAD_NORM, self._pre))
+            bad = (~torch.isfinite(self._pre)).float()
+            self._buffer.append((step, "L", None, S.NONFINITE, bad))
+            self._scalar(step, S.NONFINITE, bad.sum())
+            self._scalar(step, S.GRAD_NORM, self._pre.double().pow(2).sum().sqrt())
+        self._scalar(step, S.SKIPPED, 1.0)
+        self._finish_step(step)
+
+    def end_step(self) -> None:
+        """Close the current step by hand (loops without a watched optimizer, e.g. a manual SGD update)."""
+        self._post = self._pre if self._pre is not None else self._nan
+        self._after_step(None, (), {})
+
+    def _finish_step(self, step: int) -> None:
+        if self._losses:
+            self._scalar(step, S.LOSS, torch.stack([x.to(self._nan.device) for x in self._losses]).mean())
+        self._losses = []
+        if self.optimizer is not None:
+            self._scalar(step, S.LR, float(self.optimizer.param_groups[0].get("lr", float("nan"))))
+        if self.scaler is not None and getattr(self.scaler, "_scale", None) is not None:
+            self._scalar(step, S.LOSS_SCALE, self.scaler._scale.detach().float().reshape(()))
+        self._pe_finish(step)
+        if self._softmax is not None and self.due("softmax"):
+            got = self._softmax.read()
+            for k, name in (("fp32", S.SC_FP32), ("bf16", S.SC_BF16), ("zero_loss", S.ZERO_LOSS)):
+                if got and got.get(k) is not None:
+                    self._scalar(step, name, float(got[k]))
+        if self._sharp is not None and self.due("sharpness"):
+            self._sharpness(step)
+        if self.every["hist"](step) and self.sinks:
+            grads = {n: p.grad for n, p in self.named if p.grad is not None}
+            for s in self.sinks:
+                s.histograms(step, grads)
+        self._pre, self._micro = None, 0
+        self.step += 1
+        if self.step % self.flush_every == 0:
+            self.flush()
+
+    def _scalar(self, step: int, metric: str, value, layer: str = S.MODEL) -> None:
+        v = value if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float64)
+        self._buffer.append((step, "S", [layer], metric, v.reshape(1)))
+
+    # --- spikes ---------------------------------------------------------------------------------------------
+    def _spikes(self, post: torch.Tensor) -> None:
+        th, step = self.th, self.step
+        # the larger of the end-of-backward norm and the norm the optimizer receives: clipping only shrinks
+        # a gradient, so a larger received norm means it was changed after the backward (e.g. scaled)
+        pre = torch.maximum(self._pre, post) if self._pre is not None else post
+        rows: dict[str, torch.Tensor] = {}
+        # z-score of log ||g_l|| against an EMA (mean and variance), spikes kept out of the EMA
+        x = torch.log(pre.clamp_min(1e-30))
+        ok = torch.isfinite(pre) & (pre > 0)
+        z = self._z
+        n = z["n"]
+        if n >= th.warmup:
+            corr = 1.0 - th.ema ** n
+            m, v = z["m"] / corr, z["v"] / corr
+            zs = (x - m) / torch.sqrt((v - m * m).clamp_min(1e-12))
+            zs = torch.where(ok, zs, self._nan)
+        else:
+            zs = self._nan
+        rows[S.NORM_Z] = zs
+        spike = torch.nan_to_num(zs.abs(), nan=0.0) >= th.z_alert
+        keep = ok & ~spike
+        b = th.ema
+        z["m"] = torch.where(keep, b * z["m"] + (1 - b) * x, z["m"])
+        z["v"] = torch.where(keep, b * z["v"] + (1 - b) * x * x, z["v"])
+        z["n"] = n + 1
+        # max |g| (pre-clip, reconstructed per layer from the post-clip max and the layer's norm ratio)
+        grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in self.plist]
+        mx = _norms(grads, float("inf"))
+        ratio = torch.where(post > 0, pre / post, torch.ones_like(post))
+        mx = mx * ratio
+        rows[S.MAXABS] = mx
+        q = self._mx
+        if q["n"] >= th.warmup:
+            est = q["m"] / (1.0 - th.max_abs_ema ** q["n"])
+            rows[S.MAXABS_RATIO] = torch.where(ok, mx / est.clamp_min(1e-30), self._nan)
+            big = torch.nan_to_num(rows[S.MAXABS_RATIO], nan=0.0) >= th.max_abs_alert
+        else:
+            rows[S.MAXABS_RATIO] = self._nan
+            big = torch.zeros_like(ok)
+        upd = ok & ~big
+        q["m"] = torch.where(upd, th.max_abs_ema * q["m"] + (1 - th.max_abs_ema) * mx, q["m"])
+        q["n"] += 1
+        # SPAM's element rule on the gradient the optimizer receives, against Adam's v before this update
+        if self.optimizer is not None and step >= th.spam_skip:
+            state = self.optimizer.state
+            vs = [state.get(p, {}).get("exp_avg_sq") for p in self.plist]
+            if all(v is not None for v in vs) and all(p.grad is not None for p in self.plist):
+                g2 = torch._foreach_mul(grads, grads)
+                lim = torch._foreach_mul(vs, th.spam)
+                torch._foreach_sub_(g2, lim)
+                torch._foreach_clamp_min_(g2, 0.0)
+                torch._foreach_sign_(g2)
+                counts = torch.stack([c.float() for c in torch._foreach_norm(g2, 1)])
+                numel = torch.tensor([float(p.numel()) for p in self.plist], device=counts.device)
+                rows[S.SPAM_FRAC] = counts / numel
+        self._spike_rows = rows
+
+    # --- per-example (factored capture) -------------------------------------------------------------------
+    def _per_example(self, inv) -> None:
+        from ..measures.spectra import batch_sq_norms
+
+        grads = self._tape.grads()
+        sq = batch_sq_norms(grads)  # {module: (B,)} squared norms of each example's contribution
+        for name, g in grads.items():
+            B = g.batch_size
+            k = _weight_name(name)
+            s = sq[name].double() * (B * B)  # per-example gradient g_e = B * c_e (their mean is the batch grad)
+            if inv is not None:
+                s = s * inv.double() ** 2
+            A, G = g.masked(g.A), g.masked(g.G)
+            tot = torch.einsum("btd,bte->de", G.double(), A.double())  # the micro-batch gradient sum_e c_e
+            big = tot.pow(2).sum() * (inv.double() ** 2 if inv is not None else 1.0)
+            acc = self._pe_acc.setdefault(k, [])
+            acc.append({"s": s, "big": big, "B": B})
+            if self.due("gsnr"):
+                acc[-1]["gsnr"] = _gsnr_layer(g, B)
+
+    def _pe_finish(self, step: int) -> None:
+        if not self._pe_acc:
+            return
+        th = self.th
+        names = [k for k in self._pe_names if k in self._pe_acc]
+        per_ex = None
+        S_hat, G_hat = [], []
+        for k in names:
+            parts = self._pe_acc[k]
+            s_all = torch.cat([p["s"] for p in parts])
+            per_ex = s_all if per_ex is None else per_ex + s_all
+            # B_small = 1 (mean per-example squared norm), B_big = the micro-batch; averaged over micro-batches
+            sh, gh = [], []
+            for p in parts:
+                B = p["B"]
+                if B < 2:
+                    continue
+                small, big = p["s"].mean(), p["big"]
+                gh.append((B * big - small) / (B - 1))
+                sh.append((small - big) / (1.0 - 1.0 / B))
+            S_hat.append(torch.stack(sh).mean() if sh else torch.tensor(float("nan"), dtype=torch.float64))
+            G_hat.append(torch.stack(gh).mean() if gh else torch.tensor(float("nan"), dtype=torch.float64))
+            if "gsnr" in parts[0]:
+                self._scalar(step, S.GSNR, torch.stack([p["gsnr"] for p in parts]).mean(), layer=k)
+        S_hat, G_hat = torch.stack(S_hat), torch.stack(G_hat)
+        nz = self._noise
+        b = th.noise_ema
+        ok = torch.isfinite(S_hat) & torch.isfinite(G_hat)
+        tot_S, tot_G = S_hat[ok].sum(), G_hat[ok].sum()
+        if nz["S"] is None:
+            nz["S"], nz["G"] = torch.zeros_like(S_hat), torch.zeros_like(G_hat)
+            nz["St"], nz["Gt"] = torch.zeros(()), torch.zeros(())
+        nz["S"] = torch.where(ok, b * nz["S"] + (1 - b) * S_hat, nz["S"])
+        nz["G"] = torch.where(ok, b * nz["G"] + (1 - b) * G_hat, nz["G"])
+        nz["St"] = b * nz["St"] + (1 - b) * tot_S.cpu()
+        nz["Gt"] = b * nz["Gt"] + (1 - b) * tot_G.cpu()
+        nz["n"] += 1
+        self._buffer.append((step, "N", names, S.TRACE_SIGMA, S_hat))
+        self._buffer.append((step, "N", names, S.GRAD_SQ, G_hat))
+        self._buffer.append((step, "N", names, S.NOISE_SCALE, nz["S"] / nz["G"]))
+        self._scalar(step, S.TRACE_SIGMA, tot_S)
+        self._scalar(step, S.GRAD_SQ, tot_G)
+        self._scalar(step, S.NOISE_SCALE, nz["St"] / nz["Gt"])
+        norms = per_ex.sqrt()
+        qs = torch.quantile(norms, torch.tensor([0.1, 0.5, 0.9], dtype=norms.dtype, device=norms.device))
+        for metric, v in zip((S.PE_Q10, S.PE_Q50, S.PE_Q90), qs):
+            self._scalar(step, metric, v)
+        self._scalar(step, S.PE_MAX, norms.max())
+        self._pe_acc = {}
+
+    # --- named loss terms ----------------------------------------------------------------------------------
+    def terms(self, losses: Mapping[str, torch.Tensor], *, force: bool = False) -> dict | None:
+        """Gradients of named loss terms (e.g. {"chosen": logp_w.sum(), "rejected": logp_l.sum()} for DPO,
+        `psr_nsr_terms(...)` for GRPO, or the parts of a multi-task loss): per-layer norms and pairwise cosines,
+        recorded for the current step. Runs only when `terms` is due (or `force`); each term costs one
+        backward (torch.autograd.grad with retain_graph), so call it BEFORE the training backward.
+
+        Returns {"cos": {(a, b): float}, "norm": {a: float}} when it ran, else None.
+        """
+        if not (force or self.due("terms")):
+            return None
+        if len(losses) < 1:
+            raise ValueError("terms: give at least one named loss term")
+        names = list(losses)
+        flats = {}
+        for name in names:
+            t = losses[name]
+            if not torch.is_tensor(t) or t.dim() != 0:
+                raise ValueError(f"terms: {name!r} must be a scalar tensor (got {getattr(t, 'shape', type(t))})")
+            gs = torch.autograd.grad(t, self.plist, retain_graph=True, allow_unused=True)
+            flats[name] = [g.detach() if g is not None else torch.zeros_like(p) for g, p in zip(gs, self.plist)]
+        step = self.step
+        norm = {a: _norms(flats[a]) for a in names}
+        out = {"cos": {}, "norm": {}}
+        for a in names:
+            self._buffer.append((step, "L", None, S.TERM_NORM_PREFIX + a, norm[a]))
+            tot = norm[a].double().pow(2).sum().sqrt()
+            self._scalar(step, S.TERM_NORM_PREFIX + a, tot)
+            out["norm"][a] = float(tot)
+        for i, a in enumerate(names):
+            for b_ in names[i + 1:]:
+                dots = torch.stack([(x.double() * y.double()).sum() for x, y in zip(flats[a], flats[b_])])
+                cos = dots / (norm[a].double() * norm[b_].double())
+                key = f"{S.COS_PREFIX}{a}|{b_}"
+                self._buffer.append((step, "L", None, key, cos))
+                tot = dots.sum() / (norm[a].double().pow(2).sum().sqrt() * norm[b_].double().pow(2).sum().sqrt())
+                self._scalar(step, key, tot)
+                out["cos"][(a, b_)] = float(tot)
+        return out
+
+    # --- sharpness ----------------------------------------------------------------------------------------
+    def _sharpness(self, step: int) -> None:
+        got = self._sharp.measure(self.optimizer)
+        self._scalar(step, S.SHARPNESS, float(got["lmax"]))
+        self._scalar(step, S.SHARPNESS_THRESHOLD, float(got["threshold"]))
+
+    # --- flushing --------------------------------------------------------------------------------------------
+    def flush(self) -> pd.DataFrame:
+        """Move the buffered values to the host (one transfer), raise alerts, write the sinks; returns the rows."""
+        if not self._buffer:
+            return pd.DataFrame(columns=S.SCALAR_COLUMNS)
+        buf, self._buffer = self._buffer, []
+        flat = torch.cat([v.detach().reshape(-1).double().cpu() if v.device.type == "cpu"
+                          else v.detach().reshape(-1).double() for _, _, _, _, v in buf]).cpu().numpy()
+        steps, layers, metrics, values = [], [], [], []
+        i = 0
+        for step, kind, names, metric, v in buf:
+            n = v.numel()
+            lay = self.names if kind == "L" else names
+            steps.extend([step] * n)
+            layers.extend(lay)
+            metrics.extend([metric] * n)
+            values.append(flat[i:i + n])
+            i += n
+        df = pd.DataFrame({"step": np.asarray(steps, dtype=np.int64), "layer": layers, "metric": metrics,
+                           "value": np.concatenate(values)})
+        df = self._reduce_loss(df)
+        alerts = self._raise_alerts(df)
+        for s in self.sinks:
+            s.write(df, alerts)
+        if self.out is None:
+            self._flushed.append(df)
+        return df
+
+    def table(self) -> pd.DataFrame:
+        """Every row recorded so far (flushes first). In memory only without a run directory; with one, read
+        RUN/series.parquet after `close()` (or the shards)."""
+        self.flush()
+        if self.out is not None:
+            raise ValueError("the monitor writes to a run directory; read it with gradsight.train.summarize")
+        if not self._flushed:
+            return pd.DataFrame(columns=S.SCALAR_COLUMNS)
+        return pd.concat(self._flushed, ignore_index=True)
+
+    def _reduce_loss(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Average the loss across ranks (each rank saw its own data); gradients are already all-reduced."""
+        if _world() == 1:
+            return df
+        import torch.distributed as dist
+
+        sel = (df["metric"] == S.LOSS).to_numpy()
+        vals = torch.tensor(df.loc[sel, "value"].to_numpy(), dtype=torch.float64)
+        dist.all_reduce(vals)
+        df.loc[sel, "value"] = (vals / _world()).numpy()
+        return df
+
+    def _raise_alerts(self, df: pd.DataFrame) -> pd.DataFrame:
+        th = self.th
+        rows: list[dict] = []
+        layerwise = df[df["layer"] != S.MODEL]
+
+        def add(sel, rule, threshold, fmt):
+            for r in layerwise[sel].itertuples(index=False):
+                rows.append({"step": int(r.step), "layer": r.layer, "rule": rule, "value": float(r.value),
+                             "threshold": float(threshold), "message": fmt(r)})
+
+        m, v = layerwise["metric"], layerwise["value"]
+        add((m == S.SPAM_FRAC) & (v > 0), S.RULE_SPAM, th.spam,
+            lambda r: f"step {r.step}: SPAM's rule (g² > {th.spam:g}·v) fired on {100 * r.value:.3g}% of the "
+                      f"entries of {r.layer}")
+        add((m == S.NORM_Z) & (v.abs() >= th.z_alert), S.RULE_NORM_Z, th.z_alert,
+            lambda r: f"step {r.step}: gradient norm of {r.layer} is {r.value:+.1f} standard deviations from its "
+                      f"EMA (log scale)")
+        add((m == S.MAXABS_RATIO) & (v >= th.max_abs_alert), S.RULE_MAXABS, th.max_abs_alert,
+            lambda r: f"step {r.step}: max|g| of {r.layer} is {r.value:.3g}× its running estimate")
+        add((m == S.NONFINITE) & (v > 0), S.RULE_NONFINITE, 0.0,
+            lambda r: f"step {r.step}: non-finite gradient in {r.layer}")
+        sh = df[(df["metric"] == S.SHARPNESS)].set_index("step")["value"]
+        thr = df[(df["metric"] == S.SHARPNESS_THRESHOLD)].set_index("step")["value"]
+        for st in sh.index.intersection(thr.index):
+            if sh[st] >= thr[st]:
+                rows.append({"step": int(st), "layer": S.MODEL, "rule": S.RULE_SHARPNESS, "value": float(sh[st]),
+                             "threshold": float(thr[st]),
+                             "message": f"step {st}: sharpness {sh[st]:.4g} is above its stability threshold "
+                                        f"{thr[st]:.4g}"})
+        alerts = pd.DataFrame(rows, columns=S.ALERT_COLUMNS)
+        alerts["step"] = alerts["step"].astype("int64")
+        for r in rows:
+            self.alerts.append(r)
+            if self.on_alert is not None:
+                self.on_alert(r)
+        return alerts
+
+    # --- end ----------------------------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Remove every hook (the model and optimizer behave as if never watched)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._softmax is not None:
+            self._softmax.remove()
+        if self._capture is not None:
+            self._capture.close()
+            self._capture = None
+
+    def close(self, *, report: bool | None = None) -> Path | None:
+        """Flush, remove the hooks, mark the run finished, summarise (series, diagnoses) and write the report.
+
+        Returns the report's path (None without a run directory or with report=False)."""
+        if self._closed:
+            return None
+        self._closed = True
+        self.flush()
+        self.remove()
+        for s in self.sinks:
+            s.close(finished=True, steps=self.step)
+        if self.out is None or not self._rank0:
+            return None
+        from .summarize import summarize
+
+        summarize(self.out)
+        if report if report is not None else self._write_report:
+            from .report import render
+
+            return render(self.out)
+        return None
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _gsnr_layer(g, B: int, cap: int = 1 << 24) -> torch.Tensor:
+    """Cockpit's GSNR of one factored layer: mean over entries of mean_e(g)² / (var_e(g) + 1e-5), with the
+    per-example gradients g_e = B·c_e materialised in chunks of examples (population variance); NaN when
+    d_out·d_in exceeds `cap` (too large to materialise)."""
+    d = g.param_shape[0] * g.param_shape[1]
+    if d > cap:
+        return torch.tensor(float("nan"), dtype=torch.float64)
+    A, G = g.masked(g.A).double(), g.masked(g.G).double()
+    chunk = max(1, cap // max(d, 1))
+    s1 = torch.zeros(g.G.shape[-1], g.A.shape[-1], dtype=torch.float64, device=A.device)
+    s2 = torch.zeros_like(s1)
+    for i in range(0, B, chunk):
+        M = torch.einsum("bto,bti->boi", G[i:i + chunk], A[i:i + chunk]) * B
+        s1 += M.sum(0)
+        s2 += (M * M).sum(0)
+    mean = s1 / B
+    var = (s2 / B - mean * mean).clamp_min(0.0)
+    return (mean * mean / (var + 1e-5)).mean()
+
+
+def psr_nsr_terms(logps: torch.Tensor, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The PSR / NSR terms of a rewarded-rollout batch (Zhu et al. 2025): the policy-gradient loss of the
+    rollouts with positive advantage and of those with negative advantage, for `Monitor.terms`.
+
+    Args:
+        logps: (N,) summed log-probabilities of the rollouts' responses (with grad).
+        advantages: (N,) their advantages (or rewards); zero-advantage rollouts belong to neither term.
+    """
+    a = advantages.detach().to(logps.dtype)
+    pos, neg = a > 0, a < 0
+    if not bool(pos.any()) or not bool(neg.any()):
+        raise ValueError("psr_nsr_terms: the batch needs rollouts with positive and with negative advantage")
+    return {"psr": -(a[pos] * logps[pos]).sum(), "nsr": -(a[neg] * logps[neg]).sum()}
+
+
+def optimizer_meta(opt) -> dict:
+    """{"name", "lr", "betas", "momentum", "weight_decay"} of an optimizer's first param group (manifest)."""
+    if opt is None:
+        return {}
+    g = opt.param_groups[0] if getattr(opt, "param_groups", None) else {}
+    return {"name": type(opt).__name__, "lr": g.get("lr"), "betas": g.get("betas"), "momentum": g.get("momentum"),
+            "weight_decay": g.get("weight_decay")}
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _weight_name(module: str) -> str:
+    """The parameter name of a Linear module's weight ("weight" for the root module)."""
+    return f"{module}.weight" if module else "weight"
