@@ -209,3 +209,22 @@ def test_factored_grad_finite_flags_real_tokens_only():
     G[2, 0, 1] = float("inf")
     A[3, 4, 1] = float("nan")  # at a padded position: ignored
     assert FactoredGrad(A, G, tokens).finite().tolist() == [True, False, False, True]
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_gives_the_per_example_gradients_of_a_plain_pass(reentrant):
+    """Checkpointing re-runs forwards inside backward (non-reentrant: the re-run gets no gradient; reentrant:
+    the first pass runs without grad): either way the captured per-example gradients are the plain ones."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    with capture(seq, ["0", "2"], freeze=False) as tape:
+        checkpoint(seq, x, use_reentrant=reentrant).pow(2).sum().backward()
+        got = {k: g.materialize() for k, g in tape.grads().items()}
+    with capture(seq, ["0", "2"], freeze=False) as tape:
+        seq(x).pow(2).sum().backward()
+        want = {k: g.materialize() for k, g in tape.grads().items()}
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)

@@ -32,6 +32,7 @@ class Tape:
         self.tokens: torch.Tensor | None = None
         self._inputs: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
         self._grads: dict[str, dict[int, torch.Tensor]] = {n: {} for n in layers}
+        self._recomputed: dict[str, set[int]] = {n: set() for n in layers}
 
     def set_tokens(self, tokens: torch.Tensor) -> None:
         """Declare the (B, T) bool mask of real tokens of the next forward."""
@@ -41,6 +42,7 @@ class Tape:
         for n in self.layers:
             self._inputs[n].clear()
             self._grads[n].clear()
+            self._recomputed[n].clear()
         self.tokens = None
 
     # recording -------------------------------------------------------------------------------------
@@ -49,6 +51,8 @@ class Tape:
             # Nothing upstream needs a gradient (weights are frozen during capture): start the graph here.
             out = out.detach().requires_grad_(True)
         call = len(self._inputs[name])
+        if torch._C._current_autograd_node() is not None:
+            self._recomputed[name].add(call)  # a forward re-run inside backward (activation checkpointing)
         self._inputs[name].append(x.detach())
         store = self._grads[name]
 
@@ -70,16 +74,28 @@ class Tape:
         xs, gs = self._inputs[name], self._grads[name]
         if not xs:
             raise CaptureError(f"layer {name} was not called in the forward pass")
+        # activation checkpointing: a forward re-run inside backward whose output received no gradient is a
+        # recomputation (non-reentrant checkpointing; the original call holds the gradient): not an example
+        keep = [i for i in range(len(xs)) if i in gs or i not in self._recomputed[name]]
+        xs = [xs[i] for i in keep]
+        gs = {j: gs[i] for j, i in enumerate(keep) if i in gs}
         missing = [i for i in range(len(xs)) if i not in gs]
         if missing:
             raise CaptureError(f"layer {name}: no output gradient for call(s) {missing}; "
                                "did the loss depend on it and was backward() called?")
         return [(xs[i], gs[i]) for i in range(len(xs))]
 
-    def grads(self) -> dict[str, FactoredGrad | DenseGrad]:
-        """Per-layer per-example gradients of the last backward."""
+    def grads(self, skip_uncalled: bool = False) -> dict[str, FactoredGrad | DenseGrad]:
+        """Per-layer per-example gradients of the last backward.
+
+        Args:
+            skip_uncalled: leave out layers the forward did not call (e.g. a head whose weight the loss uses
+                directly); by default that is an error.
+        """
         out: dict[str, FactoredGrad | DenseGrad] = {}
         for name, module in self.layers.items():
+            if skip_uncalled and not self._inputs[name]:
+                continue
             calls = self._calls(name)
             if self.backends[name] == "factored":
                 out[name] = _factored_from_calls(module, calls, self._tokens_for)
@@ -171,6 +187,8 @@ def capture(model: nn.Module, layers: dict[str, nn.Module] | Sequence[str], *, b
                 p.requires_grad_(False)
         for name, module in layers.items():
             def fwd_hook(mod, args, output, _name=name):
+                if not torch.is_grad_enabled():
+                    return None  # no backward will follow (e.g. the no-grad first pass of reentrant checkpointing)
                 if not args or not torch.is_tensor(args[0]):
                     raise CaptureError(f"layer {_name}: expected a tensor as first positional input")
                 if not torch.is_tensor(output):

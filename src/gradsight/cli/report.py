@@ -23,7 +23,21 @@ def report(
     from .common import err_console
 
     manifest = read_manifest(run)
-    spec = registry.get(manifest.get("analysis", "layers"))
+    name = manifest.get("analysis", "layers")
+    kind = registry.kind(name)
+    if kind is not None:  # a run written outside the engine (the training monitor)
+        asked = [k for k, v in {"reference": reference, "n_boot": n_boot, "n_perm": n_perm}.items() if v is not None]
+        if asked:
+            err_console.print(f"note: --{', --'.join(k.replace('_', '-') for k in asked)} does not apply to "
+                              f"{name} runs (ignored)", highlight=False)
+        if recompute:
+            kind.summarize(run)
+        path = kind.report.render(run)
+        if not quiet:
+            kind.report.summary(run)
+        typer.echo(f"report: {path}")
+        return
+    spec = registry.get(name)
     if recompute:
         cfg = spec.Config.from_dict(manifest.get("config") or {})
         asked = {"reference": reference, "n_boot": n_boot, "n_perm": n_perm}

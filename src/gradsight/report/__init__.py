@@ -18,17 +18,17 @@ def analysis_of(run_dir: Path | str) -> str:
     return read_manifest(Path(run_dir)).get("analysis", "layers")
 
 
-def _spec(run_dir):
+def _report(run_dir):
     from ..runs import registry
 
-    return registry.get(analysis_of(run_dir))
+    return registry.report_of(analysis_of(run_dir))
 
 
 def render_html(run_dir: Path | str, out: Path | str | None = None) -> Path:
-    """Write RUN/report.html (or `out`) for a run of any registered analysis; returns the path."""
-    return _spec(run_dir).report.render(run_dir, out)
+    """Write RUN/report.html (or `out`) for a run of any registered analysis or run kind; returns the path."""
+    return _report(run_dir).render(run_dir, out)
 
 
 def print_summary(run_dir: Path | str, console=None) -> None:
-    """The terminal summary of a run of any registered analysis."""
-    return _spec(run_dir).report.summary(run_dir, console)
+    """The terminal summary of a run of any registered analysis or run kind."""
+    return _report(run_dir).summary(run_dir, console)

@@ -54,7 +54,7 @@ def _findings_of(analysis: str) -> Callable[[Path], list] | None:
     from ..runs import registry
 
     try:
-        return registry.get(analysis).report.findings
+        return registry.report_of(analysis).findings
     except registry.UnknownAnalysis:
         return None
 

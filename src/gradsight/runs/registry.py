@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["Analysis", "ReportSpec", "Plan", "Unit", "register", "get", "names", "load_builtin",
-           "BUILTIN", "UnknownAnalysis", "lazy", "folder"]
+           "BUILTIN", "UnknownAnalysis", "lazy", "folder", "RunKind", "register_kind", "kind", "report_of"]
 
 # the order of the first analyses on the command line; every folder of gradsight/analyses/ is found by itself
 BUILTIN = ("layers", "geometry", "curvature", "landscape")
@@ -216,3 +216,48 @@ def names() -> list[str]:
     """Registered analysis names: layers, geometry, curvature, landscape, then the others in registration order."""
     load_builtin()
     return [n for n in BUILTIN if n in _REGISTRY] + [n for n in _REGISTRY if n not in BUILTIN]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# run kinds: run directories written outside the engine (the training monitor writes while a loop trains),
+# which `gradsight report`, the index page and `open_run` still summarise and show
+
+
+@dataclass(frozen=True)
+class RunKind:
+    """A run directory written outside the engine: how it is re-summarised and shown.
+
+    Attributes:
+        name: the manifest's "analysis" value (e.g. "train").
+        summarize: ``summarize(run_dir) -> {table: DataFrame}``: the summary tables, from the run's shards only.
+        report: its page, terminal summary and findings.
+    """
+
+    name: str
+    summarize: Callable
+    report: ReportSpec
+
+
+# the modules that register the built-in run kinds (imported on first use)
+KINDS = {"train": "gradsight.train.kind"}
+_KINDS: dict[str, RunKind] = {}
+
+
+def register_kind(k: RunKind, *, replace: bool = False) -> RunKind:
+    if (k.name in _KINDS and not replace and _KINDS[k.name] is not k) or k.name in _REGISTRY:
+        raise ValueError(f"a run kind or analysis named {k.name!r} is already registered")
+    _KINDS[k.name] = k
+    return k
+
+
+def kind(name: str) -> RunKind | None:
+    """The run kind `name` (None when `name` is not one)."""
+    if name not in _KINDS and name in KINDS:
+        importlib.import_module(KINDS[name])
+    return _KINDS.get(name)
+
+
+def report_of(name: str) -> ReportSpec:
+    """The report of an analysis or run kind named `name`."""
+    k = kind(name)
+    return k.report if k is not None else get(name).report

@@ -51,6 +51,11 @@ class GradsightLightningCallback(pl.Callback):
                                meta={**meta, **self.kwargs.pop("meta", {})}, **self.kwargs)
         self.monitor._auto_loss = False
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.monitor is not None:  # training_step need not call the module's forward: arm per-example here
+            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            self.monitor.begin_batch(mask if mask is not None and getattr(mask, "dim", lambda: 0)() == 2 else None)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.monitor is None:
             return

@@ -248,7 +248,7 @@ class Monitor:
 
     def _meta(self, batch_size, meta) -> dict:
         return {"batch_size": batch_size, "world_size": _world(), "start_step": self.step,
-                "model": type(self.model).__name__, "optimizer": optimizer_meta(self._opt0),
+                "model": _model_meta(self.model), "optimizer": optimizer_meta(self._opt0),
                 **(dict(meta or {}))}
 
     def _linear_layers(self, pattern: str | None) -> dict[str, nn.Module]:
@@ -326,8 +326,19 @@ class Monitor:
     # --- hooks ---------------------------------------------------------------------------------------------
     def _on_forward_pre(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
-        self._tokens = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
-        if torch.is_grad_enabled() and module.training and self._capture is None and self._pe_layers and (
+        self.begin_batch(mask if torch.is_tensor(mask) and mask.dim() == 2 else None, training=module.training)
+        return None
+
+    def begin_batch(self, attention_mask: torch.Tensor | None = None, *, training: bool = True) -> None:
+        """Declare the start of a micro-batch's forward. Called by the model's forward pre-hook; call it
+        yourself (Lightning's callback does) when the loop never calls the watched module's forward
+        (e.g. ``training_step`` calls submodules), so the scheduled per-example capture is armed.
+
+        Args:
+            attention_mask: (B, T) real tokens of the batch (padding is left out of the per-example factors).
+        """
+        self._tokens = attention_mask
+        if torch.is_grad_enabled() and training and self._capture is None and self._pe_layers and (
                 self.due("per_example") or self.due("gsnr")):
             from ..capture import capture
 
@@ -335,9 +346,8 @@ class Monitor:
             self._tape = self._capture.enter_context(capture(self.model, self._pe_layers, freeze=False))
             if self._tokens is not None:
                 self._tape.set_tokens(self._tokens)
-        if self._softmax is not None and module.training and self.due("softmax"):
+        if self._softmax is not None and training and self.due("softmax"):
             self._softmax.arm()
-        return None
 
     def _on_forward(self, module, args, output):
         loss = getattr(output, "loss", None) if not torch.is_tensor(output) else None
@@ -542,7 +552,7 @@ class Monitor:
     def _per_example(self, inv) -> None:
         from ..measures.spectra import batch_sq_norms
 
-        grads = self._tape.grads()
+        grads = self._tape.grads(skip_uncalled=True)  # a layer the loss bypasses this step has no factors
         sq = batch_sq_norms(grads)  # {module: (B,)} squared norms of each example's contribution
         for name, g in grads.items():
             B = g.batch_size
@@ -815,6 +825,13 @@ def psr_nsr_terms(logps: torch.Tensor, advantages: torch.Tensor) -> dict[str, to
     if not bool(pos.any()) or not bool(neg.any()):
         raise ValueError("psr_nsr_terms: the batch needs rollouts with positive and with negative advantage")
     return {"psr": -(a[pos] * logps[pos]).sum(), "nsr": -(a[neg] * logps[neg]).sum()}
+
+
+def _model_meta(model: nn.Module) -> dict:
+    cfg = getattr(model, "config", None)
+    name = getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return {"id": str(name or type(model).__name__), "class": type(model).__name__,
+            "n_params": int(sum(p.numel() for p in model.parameters()))}
 
 
 def optimizer_meta(opt) -> dict:
