@@ -357,3 +357,58 @@ def test_schedules():
     assert [s for s in range(7) if Schedule.of(3)(s)] == [0, 3, 6]
     assert not any(Schedule.of(None)(s) for s in range(5))
     assert [s for s in range(6) if Schedule.of(lambda s: s % 5 == 4)(s)] == [4]
+
+
+def test_monitor_sharpness_equals_the_dense_hessian_and_softmax_collapse_is_recorded():
+    model = _mlp()
+    X, y = _data(32)
+    loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().flatten() for p in params])
+    shapes = [p.shape for p in params]
+
+    def f(v):
+        out, i = [], 0
+        for s in shapes:
+            n = int(torch.tensor(s).prod())
+            out.append(v[i:i + n].view(s))
+            i += n
+        return nn.functional.cross_entropy(torch.func.functional_call(model, dict(zip(
+            [n for n, _ in model.named_parameters()], out)), (X,)), y)
+
+    lmax = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(f, flat))[-1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = Monitor(model, opt, loss_fn=loss_fn, probe=(X, y), every={"sharpness": 5, "softmax": 1,
+                                                                     "per_example": None, "hist": None})
+    for _ in range(6):
+        loss = loss_fn(model, (X, y))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    df = mon.table()
+    sharp = _pivot(df, S.SHARPNESS, S.MODEL)
+    assert list(sharp.index.get_level_values(0)) == [0, 5]
+    assert sharp.iloc[0] == pytest.approx(lmax, rel=1e-3)
+    assert _pivot(df, S.SHARPNESS_THRESHOLD, S.MODEL).iloc[0] == pytest.approx(2 / 0.05)
+    sc = _pivot(df, S.SC_FP32, S.MODEL)
+    assert len(sc) == 6 and (sc == 0).all()  # healthy logits: no row collapses
+
+
+def test_dpo_terms_entanglement_is_the_cosine_of_chosen_and_rejected_gradients():
+    from gradsight.train import dpo_terms
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = Monitor(model, opt, every={"terms": 1, "per_example": None, "hist": None})
+    X, y = _data(8)
+    logp = torch.log_softmax(model(X), -1)
+    chosen, rejected = logp[torch.arange(8), y], logp[torch.arange(8), (y + 1) % 3]
+    got = mon.terms(dpo_terms(chosen, rejected))
+    gc = torch.cat([g.flatten() for g in torch.autograd.grad(chosen.sum(), list(model.parameters()),
+                                                             retain_graph=True)])
+    gr = torch.cat([g.flatten() for g in torch.autograd.grad(rejected.sum(), list(model.parameters()),
+                                                             retain_graph=True)])
+    assert got["cos"][("chosen", "rejected")] == pytest.approx(float(gc @ gr / (gc.norm() * gr.norm())), rel=1e-9)
+    with pytest.raises(ValueError, match="pair up"):
+        dpo_terms(chosen, rejected[:3])
+    mon.remove()

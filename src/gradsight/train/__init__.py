@@ -11,10 +11,10 @@ Monitor, imported lazily so that neither transformers nor lightning is imported 
 
 from __future__ import annotations
 
-from .monitor import DEFAULT_EVERY, MEASURES, Monitor, Thresholds, psr_nsr_terms
+from .monitor import DEFAULT_EVERY, MEASURES, Monitor, Thresholds, dpo_terms, psr_nsr_terms
 from .schedule import Schedule
 
-__all__ = ["Monitor", "Thresholds", "Schedule", "DEFAULT_EVERY", "MEASURES", "psr_nsr_terms",
+__all__ = ["Monitor", "Thresholds", "Schedule", "DEFAULT_EVERY", "MEASURES", "psr_nsr_terms", "dpo_terms",
            "GradsightCallback", "GradsightLightningCallback"]
 
 

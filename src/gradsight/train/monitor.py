@@ -61,7 +61,7 @@ from torch import nn
 from . import schema as S
 from .schedule import Schedule
 
-__all__ = ["Monitor", "Thresholds", "DEFAULT_EVERY", "MEASURES"]
+__all__ = ["Monitor", "Thresholds", "DEFAULT_EVERY", "MEASURES", "psr_nsr_terms", "dpo_terms"]
 
 DEFAULT_EVERY: dict[str, Any] = {"norms": 1, "update": 1, "spikes": 1, "per_example": 10, "gsnr": None,
                                  "terms": 10, "sharpness": None, "softmax": None, "hist": 1000}
@@ -213,7 +213,7 @@ class Monitor:
             from .probes import SoftmaxCollapseProbe
 
             self._softmax = SoftmaxCollapseProbe(self._output_module(output))
-        self._terms_rows: list = []
+        self._quiet_sharpness: set[int] = set()
         # sinks
         self.sinks: list = []
         self.out = Path(out) if out is not None else None
@@ -294,8 +294,9 @@ class Monitor:
         self._handles.append(optimizer.register_step_pre_hook(_no_compile(self._before_step)))
         self._handles.append(optimizer.register_step_post_hook(_no_compile(self._after_step)))
         if self.every["sharpness"].on:
-            from .probes import SharpnessProbe
+            from .probes import SharpnessProbe, stability_threshold
 
+            stability_threshold(optimizer)  # an optimizer without a known threshold fails here, not mid-run
             self._sharp = SharpnessProbe(self.model, self.loss_fn, self.probe_batch, params=self.plist)
 
     def attach_scaler(self, scaler) -> None:
@@ -663,6 +664,13 @@ class Monitor:
         got = self._sharp.measure(self.optimizer)
         self._scalar(step, S.SHARPNESS, float(got["lmax"]))
         self._scalar(step, S.SHARPNESS_THRESHOLD, float(got["threshold"]))
+        if got.get("kind") == "adam":
+            # Adam's preconditioner carries (1 - beta1^t): while beta1^t > 0.1 the preconditioned sharpness
+            # reads high by construction; record it, raise no alert
+            beta1 = float(self.optimizer.param_groups[0]["betas"][0])
+            t = max((float(st.get("step", 0)) for st in self.optimizer.state.values()), default=0.0)
+            if beta1 ** t > 0.1:
+                self._quiet_sharpness.add(step)
 
     # --- flushing --------------------------------------------------------------------------------------------
     def flush(self) -> pd.DataFrame:
@@ -738,7 +746,7 @@ class Monitor:
         sh = df[(df["metric"] == S.SHARPNESS)].set_index("step")["value"]
         thr = df[(df["metric"] == S.SHARPNESS_THRESHOLD)].set_index("step")["value"]
         for st in sh.index.intersection(thr.index):
-            if sh[st] >= thr[st]:
+            if sh[st] >= thr[st] and st not in self._quiet_sharpness:
                 rows.append({"step": int(st), "layer": S.MODEL, "rule": S.RULE_SHARPNESS, "value": float(sh[st]),
                              "threshold": float(thr[st]),
                              "message": f"step {st}: sharpness {sh[st]:.4g} is above its stability threshold "
@@ -841,6 +849,17 @@ def optimizer_meta(opt) -> dict:
     g = opt.param_groups[0] if getattr(opt, "param_groups", None) else {}
     return {"name": type(opt).__name__, "lr": g.get("lr"), "betas": g.get("betas"), "momentum": g.get("momentum"),
             "weight_decay": g.get("weight_decay")}
+
+
+def dpo_terms(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The chosen / rejected terms of a preference batch for `Monitor.terms`: the summed log-probabilities of
+    the chosen and of the rejected responses. Their gradients' cosine is the gradient entanglement of
+    DPO-style training (a DPO step moves along ∇log π(y_w) − ∇log π(y_l); when the two are aligned, pushing
+    the rejected response down also pushes the chosen one down)."""
+    if chosen_logps.shape != rejected_logps.shape:
+        raise ValueError(f"dpo_terms: chosen {tuple(chosen_logps.shape)} and rejected "
+                         f"{tuple(rejected_logps.shape)} log-probabilities must pair up")
+    return {"chosen": chosen_logps.sum(), "rejected": rejected_logps.sum()}
 
 
 def _world() -> int:
