@@ -309,21 +309,25 @@ def test_torch_compile_keeps_the_numbers(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_gloo_ranks_equal_one_process(tmp_path):
+def test_ddp_and_fsdp2_with_two_gloo_ranks_equal_one_process(tmp_path):
+    """DDP (read after the all-reduce) and FSDP2 (DTensor shards: full-tensor norms) on 2 ranks, each with half
+    of every global batch, give the numbers of one process on the whole batch."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     script = str(Path(__file__).parent / "train_ddp_script.py")
     p = subprocess.run([sys.executable, script, str(tmp_path / "one")], capture_output=True, text=True, env=env,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
+    a = pd.read_parquet(tmp_path / "one" / "rows.parquet")
     torchrun = Path(sys.executable).parent / "torchrun"
-    p = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", script, str(tmp_path / "two")],
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    a, b = pd.read_parquet(tmp_path / "one" / "rows.parquet"), pd.read_parquet(tmp_path / "two" / "rows.parquet")
-    for metric in (S.GRAD_NORM, S.GRAD_NORM_CLIPPED, S.UPDATE_RATIO, S.CLIP_COEF, S.LOSS, S.NORM_Z):
-        x, y = _pivot(a, metric), _pivot(b, metric)
-        assert len(x) > 0 and x.index.equals(y.index), metric
-        np.testing.assert_allclose(x.to_numpy(), y.to_numpy(), rtol=1e-9, atol=1e-12, err_msg=metric)
+    for mode in ("ddp", "fsdp"):
+        p = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", script, str(tmp_path / mode),
+                            mode], capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        b = pd.read_parquet(tmp_path / mode / "rows.parquet")
+        for metric in (S.GRAD_NORM, S.GRAD_NORM_CLIPPED, S.UPDATE_RATIO, S.CLIP_COEF, S.LOSS, S.NORM_Z, S.MAXABS):
+            x, y = _pivot(a, metric), _pivot(b, metric)
+            assert len(x) > 0 and x.index.equals(y.index), (mode, metric)
+            np.testing.assert_allclose(x.to_numpy(), y.to_numpy(), rtol=1e-9, atol=1e-12, err_msg=f"{mode} {metric}")
 
 
 # --- bad input -------------------------------------------------------------------------------------------------

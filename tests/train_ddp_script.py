@@ -13,14 +13,23 @@ from torch import nn
 from gradsight.train import Monitor
 
 
-def main(out: str) -> None:
+def main(out: str, mode: str = "ddp") -> None:
     ddp = "RANK" in __import__("os").environ
     if ddp:
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
-    net = nn.parallel.DistributedDataParallel(model) if ddp else model
+    if ddp and mode == "fsdp":  # FSDP2: parameters and gradients are DTensor shards
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for m in (model[0], model[2], model):
+            fully_shard(m, mesh=mesh)
+        net = model
+    else:
+        net = nn.parallel.DistributedDataParallel(model) if ddp else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     mon = Monitor(model, opt, every={"per_example": None, "hist": None}, flush_every=4)
     gen = torch.Generator().manual_seed(1)
@@ -46,4 +55,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *sys.argv[2:])

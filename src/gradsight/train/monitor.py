@@ -104,13 +104,17 @@ def _norms(tensors: list[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
     shards."""
     if not tensors:
         return torch.zeros(0)
-    if type(tensors[0]).__name__ == "DTensor":
+    if _is_dtensor(tensors[0]):
         out = []
         for t in tensors:
             n = torch.linalg.vector_norm(t, ord)
             out.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
         return _stack(out)
     return _stack(torch._foreach_norm(tensors, ord))
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
 
 
 def _stack(norms) -> torch.Tensor:
@@ -411,9 +415,12 @@ class Monitor:
         post = _norms([p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in self.plist])
         self._post = post
         if self.every["update"](self.step):
-            if self._saved is None:
-                self._saved = [torch.empty_like(p) for p in self.plist]
-            torch._foreach_copy_(self._saved, [p.detach() for p in self.plist])
+            if _is_dtensor(self.plist[0]):  # FSDP2 shards: DTensor has no foreach copy
+                self._saved = [p.detach().clone() for p in self.plist]
+            else:
+                if self._saved is None:
+                    self._saved = [torch.empty_like(p) for p in self.plist]
+                torch._foreach_copy_(self._saved, [p.detach() for p in self.plist])
         if self.every["spikes"](self.step):
             self._spikes(post)
 
@@ -432,7 +439,9 @@ class Monitor:
             rows[S.NONFINITE] = bad
             self._scalar(step, S.NONFINITE, bad.sum())
         if self.every["update"](step) and self._saved is not None:
-            delta = torch._foreach_sub([p.detach() for p in self.plist], self._saved)
+            now = [p.detach() for p in self.plist]
+            delta = ([a - b for a, b in zip(now, self._saved)] if _is_dtensor(self.plist[0])
+                     else torch._foreach_sub(now, self._saved))
             dn, pn = _norms(delta), _norms(self._saved)
             rows[S.UPDATE_RATIO] = dn / pn
             rows[S.PARAM_NORM] = pn
@@ -544,7 +553,7 @@ class Monitor:
                 torch._foreach_sub_(g2, lim)
                 torch._foreach_clamp_min_(g2, 0.0)
                 torch._foreach_sign_(g2)
-                counts = torch.stack([c.float() for c in torch._foreach_norm(g2, 1)])
+                counts = _norms(g2, 1).float()
                 numel = torch.tensor([float(p.numel()) for p in self.plist], device=counts.device)
                 rows[S.SPAM_FRAC] = counts / numel
         self._spike_rows = rows
