@@ -416,3 +416,22 @@ def test_dpo_terms_entanglement_is_the_cosine_of_chosen_and_rejected_gradients()
     with pytest.raises(ValueError, match="pair up"):
         dpo_terms(chosen, rejected[:3])
     mon.remove()
+
+
+def test_microbatch_cosines_equal_the_cosine_of_the_two_halves():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = Monitor(model, opt, every={"microbatch": 1, "per_example": None, "hist": None})
+    X, y = _data(16)
+    halves = [(X[:8], y[:8]), (X[8:], (y[8:] + 1) % 3)]
+    want = []
+    for xb, yb in halves:
+        want.append(torch.cat([g.flatten() for g in torch.autograd.grad(
+            nn.functional.cross_entropy(model(xb), yb) / 2, list(model.parameters()))]))
+    for xb, yb in halves:
+        (nn.functional.cross_entropy(model(xb), yb) / 2).backward()
+    opt.step()
+    df = mon.table()
+    cos = float(want[1] @ want[0] / (want[0].norm() * want[1].norm()))
+    assert _pivot(df, "cos:microbatch|earlier", S.MODEL).iloc[0] == pytest.approx(cos, rel=1e-9)
+    assert len(_pivot(df, "cos:microbatch|earlier")) == 5  # 4 tensors + model-wide

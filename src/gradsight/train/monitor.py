@@ -35,6 +35,8 @@ Measures and their default schedules (`every=`; an int N, "log", a callable or N
                        gradient noise scale B_simple (EMAs of the unbiased |G|² and tr Σ, per layer and total)
     gsnr         None  cockpit's GSNR per layer (materialises per-example gradients of layers under a size cap)
     terms        10    gradients of named loss terms (`mon.terms(...)`): norms and pairwise cosines per layer
+    microbatch   None  under gradient accumulation: cosine of each micro-batch's gradient with the sum of the
+                       earlier ones of the step, per layer (one extra gradient copy on those steps; one process)
     sharpness    None  λmax of the (Adam-preconditioned) Hessian on a fixed probe batch vs its threshold
     softmax      None  softmax collapse (fp32, bf16) and the zero-loss share at the output layer
     hist         1000  64-bin gradient histograms (TensorBoard sink)
@@ -64,7 +66,7 @@ from .schedule import Schedule
 __all__ = ["Monitor", "Thresholds", "DEFAULT_EVERY", "MEASURES", "psr_nsr_terms", "dpo_terms"]
 
 DEFAULT_EVERY: dict[str, Any] = {"norms": 1, "update": 1, "spikes": 1, "per_example": 10, "gsnr": None,
-                                 "terms": 10, "sharpness": None, "softmax": None, "hist": 1000}
+                                 "terms": 10, "microbatch": None, "sharpness": None, "softmax": None, "hist": 1000}
 MEASURES = tuple(DEFAULT_EVERY)
 NEEDS_OPTIMIZER = ("update",)
 
@@ -218,6 +220,7 @@ class Monitor:
 
             self._softmax = SoftmaxCollapseProbe(self._output_module(output))
         self._quiet_sharpness: set[int] = set()
+        self._mb_prev, self._mb_cos = None, []
         # sinks
         self.sinks: list = []
         self.out = Path(out) if out is not None else None
@@ -381,12 +384,26 @@ class Monitor:
             grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in self.plist]
             pre = _norms(grads)
             self._pre = pre * inv if inv is not None else pre
+        if self.every["microbatch"](self.step) and _world() == 1:
+            self._microbatch(inv)
         if self._capture is not None:
             try:
                 self._per_example(inv)
             finally:
                 self._capture.close()
                 self._capture, self._tape = None, None
+
+    def _microbatch(self, inv) -> None:
+        """cos(g_k, g_1 + ... + g_{k-1}) per layer for micro-batch k of the step (g_k = .grad now minus before)."""
+        now = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.plist]
+        prev = self._mb_prev
+        if prev is not None:
+            delta = [a - b for a, b in zip(now, prev)]
+            dots = torch.stack([(d.double() * b.double()).sum() for d, b in zip(delta, prev)])
+            nd, nb = _norms(delta).double(), _norms(prev).double()
+            total = dots.sum() / (nd.pow(2).sum().sqrt() * nb.pow(2).sum().sqrt())
+            self._mb_cos.append((dots / (nd * nb), total))
+        self._mb_prev = [g.clone() for g in now]
 
     def _inv_scale(self) -> torch.Tensor | None:
         sc = self.scaler
@@ -480,6 +497,11 @@ class Monitor:
         if self.scaler is not None and getattr(self.scaler, "_scale", None) is not None:
             self._scalar(step, S.LOSS_SCALE, self.scaler._scale.detach().float().reshape(()))
         self._pe_finish(step)
+        if self._mb_cos:  # the mean over the step's micro-batches 2..k
+            key = f"{S.COS_PREFIX}microbatch|earlier"
+            self._buffer.append((step, "L", None, key, torch.stack([c for c, _ in self._mb_cos]).mean(0)))
+            self._scalar(step, key, torch.stack([t for _, t in self._mb_cos]).mean())
+        self._mb_prev, self._mb_cos = None, []
         if self._softmax is not None and self.due("softmax"):
             got = self._softmax.read()
             for k, name in (("fp32", S.SC_FP32), ("bf16", S.SC_BF16), ("zero_loss", S.ZERO_LOSS)):
