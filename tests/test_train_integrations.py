@@ -222,3 +222,18 @@ def test_gradsight_report_renders_a_training_run(tmp_path, capsys):
     assert e.value.code in (0, None)
     page = (tmp_path / "run" / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "grad" in page
+
+
+def test_callbacks_refuse_a_trainer_without_their_requirements(tmp_path):
+    from gradsight.train import GradsightCallback
+
+    cb = GradsightCallback()
+    args = _hf_args(tmp_path)
+    with pytest.raises(ValueError, match="no optimizer"):
+        cb.on_train_begin(args, None, None, model=_gpt2(), optimizer=None)
+    with pytest.raises(ValueError, match="no model"):
+        cb.on_train_begin(args, None, None, model=None, optimizer=None)
+    args.deepspeed = "ds_config.json"
+    model = _gpt2()
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        cb.on_train_begin(args, None, None, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
