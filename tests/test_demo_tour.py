@@ -4,7 +4,9 @@ A small tree of real runs (a tiny Llama for layers with an evil group name, a sm
 landscape, an unfinished run, a damaged manifest, a folder whose name looks like a URL scheme) is indexed:
 every run is listed with its relative link, status and key findings, user text is escaped, links are
 percent-encoded, and headless Chromium runs the page's only script. The tour's plan covers every shipped
-analysis, and the tour runs end to end on the tests' saved tiny Llama (`model_dir`).
+analysis and the training monitor (run kind "train"), the tour runs end to end on the tests' saved tiny Llama
+(`model_dir`), and so does its fine-tuning stage alone (`demo.train.fine_tune`): batches, freezing, the
+monitored run, its report, its reuse and refusal on rerun.
 """
 
 from __future__ import annotations
@@ -183,11 +185,15 @@ def test_the_tour_plan_covers_every_shipped_analysis():
 
     plan = tour_plan()
     assert {"layers", "geometry", "curvature", "landscape"} <= _shipped()
-    assert {s.analysis for s in plan} == _shipped()
+    # "train" is a run kind (the monitor writes it outside the engine), not a registered analysis
+    assert "train" not in gradsight.analyses() and registry.kind("train") is not None
+    assert {s.analysis for s in plan} == _shipped() | {"train"}
     names = [s.name for s in plan]
     assert len(set(names)) == len(names) and "curvature/smollm2" in names
+    assert names.index("geometry") < names.index("train") < names.index("curvature/digits")
     assert all(callable(s.run) and s.what for s in plan)
-    assert {s.analysis for s in tour_plan(geometry=False, curvature=False)} == {"layers"}
+    assert {s.analysis for s in tour_plan(geometry=False, curvature=False)} == {"layers", "train"}
+    assert {s.analysis for s in tour_plan(geometry=False, curvature=False, train=False)} == {"layers"}
     assert "curvature/lm" in [s.name for s in tour_plan(model="some/dir")]
 
 
@@ -217,6 +223,8 @@ def test_demo_options_of_the_tour():
     params = {p.name: p for p in cmd.params}
     assert params["full"].default is False and params["n_problems"].default == 60
     assert params["geometry_problems"].default == 30 and params["curvature_problems"].default == 1
+    for flag in ("geometry", "train", "curvature"):  # each part of the tour can be left out the same way
+        assert params[flag].default is True and params[flag].secondary_opts == [f"--no-{flag}"]
 
 
 def test_the_tour_end_to_end_on_a_tiny_model(model_dir, tmp_path, monkeypatch):
@@ -232,9 +240,9 @@ def test_the_tour_end_to_end_on_a_tiny_model(model_dir, tmp_path, monkeypatch):
     assert done.value.code == 0
     html = (out / "index.html").read_text()
     rows = index_rows(out)
-    assert {r["analysis"] for r in rows} == _shipped() and all(r["finished"] for r in rows)
+    assert {r["analysis"] for r in rows} == _shipped() | {"train"} and all(r["finished"] for r in rows)
     assert sorted(r["path"] for r in rows) == sorted(
-        ["layers", "geometry", "curvature/digits", "curvature/lm", "landscape/digits-hessian-plane",
+        ["layers", "geometry", "train", "curvature/digits", "curvature/lm", "landscape/digits-hessian-plane",
          "landscape/digits-random-plane", "landscape/digits-interpolation"])
     for r in rows:
         assert r["key"] and r["key"]["lines"], r["path"]
@@ -243,6 +251,7 @@ def test_the_tour_end_to_end_on_a_tiny_model(model_dir, tmp_path, monkeypatch):
     man = {r["path"]: json.loads((out / r["path"] / "manifest.json").read_text()) for r in rows}
     assert man["layers"]["data"] == {**man["layers"]["data"], "path": "builtin:demo-arithmetic-2", "n_records": 6}
     assert man["geometry"]["data"]["path"] == "builtin:demo-geometry-1"
+    assert man["train"]["fine_tune"]["n_steps"] == 30 and man["train"]["model"]["id"] == str(model_dir)
     blocks = {li["block"] for li in man["curvature/lm"]["model"]["layers"]}
     assert blocks == {0, 2}  # the first and the last of the tiny Llama's 3 blocks
     assert "wall time of the command" in html and "gradsight demo tour" in html
@@ -253,3 +262,93 @@ def test_the_tour_end_to_end_on_a_tiny_model(model_dir, tmp_path, monkeypatch):
     assert done.value.code == 0
     assert {p: json.loads((out / p / "manifest.json").read_text())["elapsed_s"] for p in man} == before
     assert os.path.getmtime(out / "index.html") >= os.path.getmtime(out / "layers" / "manifest.json")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the tour's fine-tuning stage
+
+
+def test_train_batches_supervise_the_responses_only():
+    from gradsight.demo.train import batch_order, encode_records, freeze_blocks, make_batch, train_records
+
+    tok = tiny_tokenizer()
+    recs = train_records(n_problems=2)
+    assert [r.group for r in recs] == ["fast", "slow", "fast", "slow"]
+    enc = encode_records(recs, tok)
+    b = make_batch(enc, tok.pad_token_id)
+    lengths = b["attention_mask"].sum(1)
+    assert len(set(lengths.tolist())) == 4  # mixed lengths, right padding
+    for e, ids, mask, labels in zip(enc, b["input_ids"], b["attention_mask"], b["labels"]):
+        n = len(e.input_ids)
+        assert ids[:n].tolist() == e.input_ids and mask[:n].all() and not mask[n:].any()
+        assert (labels[:e.n_prompt] == -100).all() and (labels[n:] == -100).all()  # prompt and padding
+        assert labels[e.n_prompt:n].tolist() == e.input_ids[e.n_prompt:]  # every response token
+        assert tok.decode(labels[e.n_prompt:n].tolist()) == recs[e.idx].response
+    order = batch_order(6, 4, 6, seed=0)
+    stream = sum(order, [])
+    assert all(sorted(stream[k:k + 6]) == list(range(6)) for k in (0, 6, 12, 18))  # one permutation per epoch
+    assert order == batch_order(6, 4, 6, seed=0) != batch_order(6, 4, 6, seed=1)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        batch_order(6, 0, 3)
+    net = tiny_model()
+    assert {n.split(".")[2] for n in freeze_blocks(net, 1)} == {"2"}  # model.layers.2.* only
+    assert not net.model.embed_tokens.weight.requires_grad and not net.model.norm.weight.requires_grad
+    trained = freeze_blocks(net, 10)  # more than the model has: every block, still no embedding or final norm
+    assert len(trained) == sum(1 for n, _ in net.named_parameters() if ".layers." in n)
+    assert len(freeze_blocks(net, None)) == len(list(net.parameters()))
+    with pytest.raises(ValueError, match="blocks=0"):
+        freeze_blocks(net, 0)
+
+
+def test_the_train_stage_end_to_end_on_a_tiny_model(model_dir, tmp_path, monkeypatch):
+    """`fine_tune` on the saved tiny Llama: a finished monitor run with its schedules, report and findings;
+    a rerun reuses it, other settings are refused, an unfinished run is trained again."""
+    import pandas as pd
+
+    from gradsight.demo.train import fine_tune
+    from gradsight.report.index import run_findings
+    from gradsight.runs.store import RunMismatchError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lines: list[str] = []
+    kw = dict(model=str(model_dir), n_steps=6, n_problems=2, blocks=2, log=lines.append)
+    run = fine_tune(tmp_path / "train", **kw)
+    man = json.loads((run / "manifest.json").read_text())
+    assert man["analysis"] == "train" and man["finished"] and man["elapsed_s"] > 0
+    assert man["data"]["n_records"] == 4 and man["batch_size"] == 4
+    assert man["optimizer"]["name"] == "AdamW" and man["optimizer"]["weight_decay"] == 0.0
+    assert set(man["identity"]["params"]) == {n for n, _ in tiny_model().named_parameters()
+                                             if n.startswith(("model.layers.1.", "model.layers.2."))}
+    assert man["identity"]["per_example_layers"] == ["model.layers.1.mlp.down_proj.weight",
+                                                     "model.layers.2.mlp.down_proj.weight"]
+
+    def steps_of(metric: str) -> list[int]:
+        series = pd.read_parquet(run / "series.parquet")
+        return sorted(series.loc[series["metric"] == metric, "step"].unique().tolist())
+
+    series = pd.read_parquet(run / "series.parquet")
+    assert steps_of("loss") == steps_of("grad_norm") == list(range(6))
+    assert steps_of("pe_norm_q50") == steps_of("softmax_collapse_fp32") == [0, 5]  # every 5 steps
+    clip = series[(series["metric"] == "grad_norm_clipped") & (series["layer"] == "")]["value"]
+    assert (clip <= 1.0 + 1e-4).all()  # clipped to a global norm of 1
+    loss = series[(series["metric"] == "loss") & (series["layer"] == "")]["value"]
+    assert loss.notna().all() and (loss > 0).all()
+    assert (run / "report.html").stat().st_size > 100_000 and run_findings(run)
+    assert any(ln.startswith("train: step 5/6, loss ") and "grad norm" in ln and "ETA" in ln for ln in lines)
+    assert lines[-1].startswith("train: finished") and "report.html" in lines[-1]
+    # the same settings again: nothing is trained, the report is rendered again
+    shards = {p: p.stat().st_mtime_ns for p in (run / "scalars").iterdir()}
+    report = (run / "report.html").stat().st_mtime_ns
+    assert fine_tune(tmp_path / "train", **kw) == run
+    assert json.loads((run / "manifest.json").read_text()) == man
+    assert {p: p.stat().st_mtime_ns for p in (run / "scalars").iterdir()} == shards
+    assert (run / "report.html").stat().st_mtime_ns > report and "finished; report re-rendered" in lines[-1]
+    # other settings are refused, naming them, before anything loads
+    with pytest.raises(RunMismatchError, match=r"n_steps: 6 != 7"):
+        fine_tune(tmp_path / "train", **{**kw, "n_steps": 7, "model": "no/such/model"})
+    # an unfinished run (killed) is trained again from step 0
+    (run / "manifest.json").write_text(json.dumps(dict(man, finished=False)))
+    fine_tune(tmp_path / "train", **kw)
+    again = json.loads((run / "manifest.json").read_text())
+    assert again["finished"] and again["elapsed_s"] != man["elapsed_s"]
+    assert steps_of("loss") == list(range(6))

@@ -1,7 +1,8 @@
 """`gradsight demo`: the built-in demo, a short tour of every analysis (default) or the full demo (--full).
 
 Tour (`demo.run.run_tour`): layers, geometry, curvature and landscape runs on small samples (SmolLM2 and a
-digits MLP) into OUT/<analysis>/..., and OUT/index.html linking every report. --full: the full demo as before
+digits MLP) into OUT/<analysis>/..., a monitored fine-tuning of SmolLM2 into OUT/train (`demo.train.fine_tune`;
+tour only, --no-train leaves it out), and OUT/index.html linking every report. --full: the full demo as before
 (`run_demo` into OUT, `run_geometry_demo` into OUT/geometry, `run_curvature_demo` into OUT/curvature), plus
 the same index page. The size options keep their meaning in both modes; their defaults are the full demo's,
 and in the tour an option that is not given takes the tour's size (8 problems for layers, 4 for geometry).
@@ -29,6 +30,8 @@ def demo(
     geometry: bool = typer.Option(True, help="also run the geometry demo (OUT/geometry)"),
     geometry_problems: int = typer.Option(30, help="problems of the geometry demo (x8 loss terms; the tour uses 4 "
                                                    "unless given)"),
+    train: bool = typer.Option(True, help="also run the monitored fine-tuning of SmolLM2 (OUT/train; the tour "
+                                          "only)"),
     curvature: bool = typer.Option(True, help="also run the curvature and landscape demos (digits MLP spectrum "
                                               "and landscapes, SmolLM2 per-block top eigenvalues; the tour: the "
                                               "first and last block only)"),
@@ -55,7 +58,7 @@ def demo(
             if not quiet:
                 print_summary(path)
 
-        runs = run_tour(out, model=model, geometry=geometry, curvature=curvature,
+        runs = run_tour(out, model=model, geometry=geometry, train=train, curvature=curvature,
                         n_problems=n_problems if _given(ctx, "n_problems") else TOUR_PROBLEMS,
                         geometry_problems=geometry_problems if _given(ctx, "geometry_problems")
                         else TOUR_GEOMETRY_PROBLEMS, curvature_problems=curvature_problems,

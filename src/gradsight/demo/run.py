@@ -8,6 +8,9 @@ once on a small sample and writes OUT/index.html, a page linking every report wi
                                         linear layer of all 30 blocks, response-only token-mean loss
     OUT/geometry                        geometry: 4 problems as groups, preference pairs and rollouts (8 loss
                                         terms each): alignment, conflict, entanglement, PSR/NSR, G-Vendi, noise
+    OUT/train                           train (a run kind): SmolLM2's last 4 blocks fine-tuned for 30 AdamW
+                                        steps of 4 on 24 problems' correct answers under `train.Monitor`
+                                        (`demo.train.fine_tune`): norms, spikes, per-example norms, diagnoses
     OUT/curvature/digits                curvature: Hessian of an MLP trained on scikit-learn's digits (top-20
                                         eigenvalues, outliers against the SLQ bulk, trace, density, per layer)
     OUT/curvature/smollm2               curvature: SmolLM2's top Hessian eigenvalue of its first and last block
@@ -179,13 +182,14 @@ class TourRun:
 def tour_plan(model: str = LM, n_problems: int = TOUR_PROBLEMS, geometry: bool = True,
               geometry_problems: int = TOUR_GEOMETRY_PROBLEMS, curvature: bool = True,
               curvature_problems: int = TOUR_CURVATURE_PROBLEMS, blocks: str = TOUR_BLOCKS,
-              curvature_examples: int | None = TOUR_CURVATURE_EXAMPLES) -> list[TourRun]:
+              curvature_examples: int | None = TOUR_CURVATURE_EXAMPLES, train: bool = True) -> list[TourRun]:
     """The runs of the tour in order (nothing is loaded or run here; see the module docstring).
 
     geometry=False leaves out the geometry run; curvature=False the curvature and landscape runs (as
-    ``--no-geometry`` and ``--no-curvature`` do in the full demo). `model` is used by every language-model
-    run (layers, geometry, SmolLM2 curvature); `blocks` selects the blocks of the SmolLM2 curvature run and
-    `curvature_examples` caps its responses (None: all of its problems' three).
+    ``--no-geometry`` and ``--no-curvature`` do in the full demo); train=False the fine-tuning run. `model` is
+    used by every language-model run (layers, geometry, fine-tuning, SmolLM2 curvature); `blocks` selects the
+    blocks of the SmolLM2 curvature run and `curvature_examples` caps its responses (None: all of its problems'
+    three).
     """
     lm_name = "smollm2" if model == LM else "lm"
     plan = [TourRun("layers", "layers", model, f"{n_problems} built-in problems x {{fast, slow, wrong}}, every "
@@ -195,6 +199,13 @@ def tour_plan(model: str = LM, n_problems: int = TOUR_PROBLEMS, geometry: bool =
                             f"preference pairs, rollouts), layers {','.join(TOUR_GEOMETRY_KINDS)} of every block",
                             lambda root, p: run_geometry_demo(root / "geometry", geometry_problems, model, p,
                                                               kinds=TOUR_GEOMETRY_KINDS).path))
+    if train:
+        from .train import TRAIN_BATCH, TRAIN_BLOCKS, TRAIN_PROBLEMS, TRAIN_STEPS, fine_tune
+
+        plan.append(TourRun("train", "train", model, f"monitored fine-tuning of the last {TRAIN_BLOCKS} blocks: "
+                            f"{TRAIN_STEPS} AdamW steps of {TRAIN_BATCH} on {TRAIN_PROBLEMS} problems x "
+                            "{fast, slow}",
+                            lambda root, p: fine_tune(root / "train", model, progress=p)))
     if curvature:
         plan += [
             TourRun("curvature/digits", "curvature", NET, "Hessian: top-20 eigenvalues, trace, density; per layer",
@@ -216,8 +227,8 @@ def tour_plan(model: str = LM, n_problems: int = TOUR_PROBLEMS, geometry: bool =
 
 
 def run_tour(out: str | Path = "runs/demo", *, model: str = LM, n_problems: int = TOUR_PROBLEMS,
-             geometry: bool = True, geometry_problems: int = TOUR_GEOMETRY_PROBLEMS, curvature: bool = True,
-             curvature_problems: int = TOUR_CURVATURE_PROBLEMS, blocks: str = TOUR_BLOCKS,
+             geometry: bool = True, geometry_problems: int = TOUR_GEOMETRY_PROBLEMS, train: bool = True,
+             curvature: bool = True, curvature_problems: int = TOUR_CURVATURE_PROBLEMS, blocks: str = TOUR_BLOCKS,
              curvature_examples: int | None = TOUR_CURVATURE_EXAMPLES, progress: bool = True,
              after: Callable[[TourRun, Path], None] | None = None) -> dict:
     """Make every run of `tour_plan` under `out`, then OUT/index.html.
@@ -236,7 +247,7 @@ def run_tour(out: str | Path = "runs/demo", *, model: str = LM, n_problems: int 
     t0 = time.perf_counter()
     runs: dict = {}
     for step in tour_plan(model, n_problems, geometry, geometry_problems, curvature, curvature_problems, blocks,
-                          curvature_examples):
+                          curvature_examples, train=train):
         runs[step.name] = step.run(out, progress)
         if after is not None:
             after(step, runs[step.name])
