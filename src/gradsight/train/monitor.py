@@ -457,9 +457,13 @@ class Monitor:
             self._scalar(step, S.NONFINITE, bad.sum())
         if self.every["update"](step) and self._saved is not None:
             now = [p.detach() for p in self.plist]
-            delta = ([a - b for a, b in zip(now, self._saved)] if _is_dtensor(self.plist[0])
-                     else torch._foreach_sub(now, self._saved))
-            dn, pn = _norms(delta), _norms(self._saved)
+            pn = _norms(self._saved)
+            if _is_dtensor(self.plist[0]):
+                delta = [a - b for a, b in zip(now, self._saved)]
+            else:  # in place in the saved copy: no temporary of the parameters' size
+                torch._foreach_sub_(self._saved, now)
+                delta = self._saved
+            dn = _norms(delta)
             rows[S.UPDATE_RATIO] = dn / pn
             rows[S.PARAM_NORM] = pn
             self._scalar(step, S.UPDATE_RATIO, dn.double().pow(2).sum().sqrt() / pn.double().pow(2).sum().sqrt())
@@ -570,12 +574,11 @@ class Monitor:
             state = self.optimizer.state
             vs = [state.get(p, {}).get("exp_avg_sq") for p in self.plist]
             if all(v is not None for v in vs) and all(p.grad is not None for p in self.plist):
+                # one temporary: g*g - theta*v in place, then the count of its positive entries (ord-0 norm)
                 g2 = torch._foreach_mul(grads, grads)
-                lim = torch._foreach_mul(vs, th.spam)
-                torch._foreach_sub_(g2, lim)
+                torch._foreach_add_(g2, vs, alpha=-th.spam)
                 torch._foreach_clamp_min_(g2, 0.0)
-                torch._foreach_sign_(g2)
-                counts = _norms(g2, 1).float()
+                counts = _norms(g2, 0).float()
                 numel = torch.tensor([float(p.numel()) for p in self.plist], device=counts.device)
                 rows[S.SPAM_FRAC] = counts / numel
         self._spike_rows = rows
