@@ -59,7 +59,7 @@ class GradsightCallback(TrainerCallback):
                 "optimizer": optimizer_meta(inner)}
         self.monitor = Monitor(model, inner, scaler=scaler, out=self.out, start_step=int(state.global_step),
                                batch_size=batch, meta={**meta, **self.kwargs.pop("meta", {})}, **self.kwargs)
-        self.monitor._auto_loss = False  # the loss comes from Trainer's logs (on_log)
+        self.monitor.loss_from_outputs = False  # the loss comes from Trainer's logs (on_log)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.monitor is None or not logs:
@@ -67,11 +67,11 @@ class GradsightCallback(TrainerCallback):
         step = max(int(state.global_step) - 1, 0)  # logs come after global_step was incremented
         for k, v in logs.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
-                self.monitor._scalar(step, f"hf:{k}", float(v))
+                self.monitor.record(step, f"hf:{k}", float(v))
         if isinstance(logs.get("loss"), (int, float)):
             # Trainer's own loss (its normalisation across accumulated micro-batches; with logging_steps=k,
             # the mean over the k steps)
-            self.monitor._scalar(step, "loss", float(logs["loss"]))
+            self.monitor.record(step, "loss", float(logs["loss"]))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.monitor is not None:

@@ -49,7 +49,7 @@ class GradsightLightningCallback(pl.Callback):
                 "gradient_clip_val": getattr(trainer, "gradient_clip_val", None)}
         self.monitor = Monitor(pl_module, opt, scaler=scaler, out=self.out, start_step=int(trainer.global_step),
                                meta={**meta, **self.kwargs.pop("meta", {})}, **self.kwargs)
-        self.monitor._auto_loss = False
+        self.monitor.loss_from_outputs = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.monitor is not None:  # training_step need not call the module's forward: arm per-example here
@@ -61,7 +61,7 @@ class GradsightLightningCallback(pl.Callback):
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:  # the optimizer step of this batch (if any) has run: it belongs to the last step
-            self.monitor._scalar(max(int(trainer.global_step) - 1, 0), "loss", loss.detach().float())
+            self.monitor.record(max(int(trainer.global_step) - 1, 0), "loss", loss.detach().float())
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.monitor is not None:

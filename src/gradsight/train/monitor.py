@@ -48,12 +48,10 @@ Alerts (online, per layer, in the run's ALERTS table and `mon.alerts`): SPAM's r
 from __future__ import annotations
 
 import contextlib
-import math
 import re
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -61,9 +59,12 @@ import torch
 from torch import nn
 
 from . import schema as S
+from .detectors import NoiseAccumulator, SpikeDetector, Thresholds, is_dtensor
+from .detectors import norms as _norms
 from .schedule import Schedule
+from .terms import dpo_terms, psr_nsr_terms
 
-__all__ = ["Monitor", "Thresholds", "DEFAULT_EVERY", "MEASURES", "psr_nsr_terms", "dpo_terms"]
+__all__ = ["Monitor", "Thresholds", "DEFAULT_EVERY", "MEASURES", "psr_nsr_terms", "dpo_terms", "optimizer_meta"]
 
 DEFAULT_EVERY: dict[str, Any] = {"norms": 1, "update": 1, "spikes": 1, "per_example": 10, "gsnr": None,
                                  "terms": 10, "microbatch": None, "sharpness": None, "softmax": None, "hist": 1000}
@@ -71,59 +72,11 @@ MEASURES = tuple(DEFAULT_EVERY)
 NEEDS_OPTIMIZER = ("update",)
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """The online detectors' settings (recorded in the run's identity).
-
-    Attributes:
-        spam: SPAM's element threshold θ on g²/v (5000: |g| > 70.7·sqrt(v)); `spam_skip` first steps unchecked
-            (v is still being built, SPAM's own warm-up of 20 steps).
-        ema: β of the EMA of log‖g_l‖ (mean and variance) behind the z-score; `warmup` steps before any z.
-        z_alert: |z| at which a layer's norm is a spike (not fed into the EMA).
-        max_abs_ema: θ of Stable-SPAM's EMA of max|g|; `max_abs_alert`: ratio max|g| / EMA that alerts.
-        noise_ema: β of the EMAs of the noise-scale numerator and denominator (NeoX: 0.99).
-    """
-
-    spam: float = 5000.0
-    spam_skip: int = 20
-    ema: float = 0.99
-    warmup: int = 20
-    z_alert: float = 6.0
-    max_abs_ema: float = 0.999
-    max_abs_alert: float = 10.0
-    noise_ema: float = 0.99
-
-
 def _no_compile(fn):
     try:
         return torch._dynamo.disable(fn)
     except Exception:  # pragma: no cover - very old torch
         return fn
-
-
-def _norms(tensors: list[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
-    """(L,) norms of `tensors` in one foreach call (see `_stack` for the dtype); full-tensor norms for DTensor
-    shards."""
-    if not tensors:
-        return torch.zeros(0)
-    if _is_dtensor(tensors[0]):
-        out = []
-        for t in tensors:
-            n = torch.linalg.vector_norm(t, ord)
-            out.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
-        return _stack(out)
-    return _stack(torch._foreach_norm(tensors, ord))
-
-
-def _is_dtensor(t) -> bool:
-    return type(t).__name__ == "DTensor"
-
-
-def _stack(norms) -> torch.Tensor:
-    """One (L,) vector: float64 when any norm is float64 (exact tests, float64 models), else float32 (half and
-    bfloat16 norms are upcast: norms of fp16 gradients overflow)."""
-    dt = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
-    return torch.stack([n.to(dt) for n in norms])
 
 
 class Monitor:
@@ -199,18 +152,14 @@ class Monitor:
         self._saved: list[torch.Tensor] | None = None
         self._micro = 0
         self._closed = False
-        dev = self.plist[0].device
-        nan = torch.full((self.L,), float("nan"), device=dev)
-        self._z = {"m": torch.zeros(self.L, device=dev), "v": torch.zeros(self.L, device=dev), "n": 0}
-        self._mx = {"m": torch.zeros(self.L, device=dev), "n": 0}
-        self._nan = nan
+        self._spike = SpikeDetector(self.L, self.plist[0].device, self.th)
+        self._nan = self._spike.nan
         # per-example capture
         self._pe_layers = self._linear_layers(layers) if (self.every["per_example"].on or self.every["gsnr"].on) else {}
         self._pe_names = [_weight_name(n) for n in self._pe_layers]
         self._capture = None
         self._tape = None
-        self._pe_acc: dict[str, list] = {}
-        self._noise = {"S": None, "G": None, "n": 0}
+        self._noise = NoiseAccumulator(self._pe_names, self.th.noise_ema)
         self._tokens = None
         # probes
         self._sharp = None
@@ -362,6 +311,16 @@ class Monitor:
         if self._auto_loss and torch.is_tensor(loss) and loss.dim() == 0 and module.training:
             self._losses.append(loss.detach().double())
 
+    @property
+    def loss_from_outputs(self) -> bool:
+        """Whether the step's loss is read from the model's outputs (``output.loss`` of HF models); turned off
+        by `log_loss` or by setting it to False when the loss comes from elsewhere (the trainer's logs)."""
+        return self._auto_loss
+
+    @loss_from_outputs.setter
+    def loss_from_outputs(self, on: bool) -> None:
+        self._auto_loss = bool(on)
+
     def log_loss(self, loss: torch.Tensor | float) -> None:
         """Record the loss of a micro-batch (the step's loss is their mean). Turns off reading HF outputs."""
         self._auto_loss = False
@@ -388,7 +347,12 @@ class Monitor:
             self._microbatch(inv)
         if self._capture is not None:
             try:
-                self._per_example(inv)
+                from ..measures.spectra import batch_sq_norms
+
+                grads = self._tape.grads(skip_uncalled=True)  # a layer the loss bypasses has no factors
+                sq = batch_sq_norms(grads)  # {module: (B,)} squared norms of each example's contribution
+                for name, g in grads.items():
+                    self._noise.add(_weight_name(name), g, sq[name], inv, self.due("gsnr"))
             finally:
                 self._capture.close()
                 self._capture, self._tape = None, None
@@ -432,14 +396,18 @@ class Monitor:
         post = _norms([p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in self.plist])
         self._post = post
         if self.every["update"](self.step):
-            if _is_dtensor(self.plist[0]):  # FSDP2 shards: DTensor has no foreach copy
+            if is_dtensor(self.plist[0]):  # FSDP2 shards: DTensor has no foreach copy
                 self._saved = [p.detach().clone() for p in self.plist]
             else:
                 if self._saved is None:
                     self._saved = [torch.empty_like(p) for p in self.plist]
                 torch._foreach_copy_(self._saved, [p.detach() for p in self.plist])
         if self.every["spikes"](self.step):
-            self._spikes(post)
+            grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in self.plist]
+            vs = None
+            if self.optimizer is not None and all(p.grad is not None for p in self.plist):
+                vs = [self.optimizer.state.get(p, {}).get("exp_avg_sq") for p in self.plist]
+            self._spike_rows = self._spike.update(self._pre, post, grads, vs, self.step)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         step = self.step
@@ -458,7 +426,7 @@ class Monitor:
         if self.every["update"](step) and self._saved is not None:
             now = [p.detach() for p in self.plist]
             pn = _norms(self._saved)
-            if _is_dtensor(self.plist[0]):
+            if is_dtensor(self.plist[0]):
                 delta = [a - b for a, b in zip(now, self._saved)]
             else:  # in place in the saved copy: no temporary of the parameters' size
                 torch._foreach_sub_(self._saved, now)
@@ -500,7 +468,14 @@ class Monitor:
             self._scalar(step, S.LR, float(self.optimizer.param_groups[0].get("lr", float("nan"))))
         if self.scaler is not None and getattr(self.scaler, "_scale", None) is not None:
             self._scalar(step, S.LOSS_SCALE, self.scaler._scale.detach().float().reshape(()))
-        self._pe_finish(step)
+        got = self._noise.finish()
+        if got is not None:
+            for metric in (S.TRACE_SIGMA, S.GRAD_SQ, S.NOISE_SCALE):
+                self._buffer.append((step, "N", got["names"], metric, got[metric]))
+            for metric, v in got["totals"].items():
+                self._scalar(step, metric, v)
+            for layer, v in got[S.GSNR].items():
+                self._scalar(step, S.GSNR, v, layer=layer)
         if self._mb_cos:  # the mean over the step's micro-batches 2..k
             key = f"{S.COS_PREFIX}microbatch|earlier"
             self._buffer.append((step, "L", None, key, torch.stack([c for c, _ in self._mb_cos]).mean(0)))
@@ -522,136 +497,13 @@ class Monitor:
         if self.step % self.flush_every == 0:
             self.flush()
 
+    def record(self, step: int, metric: str, value, layer: str = S.MODEL) -> None:
+        """Record one value of your own (e.g. an eval metric, a framework's log) with the monitor's rows."""
+        self._scalar(step, metric, value, layer)
+
     def _scalar(self, step: int, metric: str, value, layer: str = S.MODEL) -> None:
         v = value if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float64)
         self._buffer.append((step, "S", [layer], metric, v.reshape(1)))
-
-    # --- spikes ---------------------------------------------------------------------------------------------
-    def _spikes(self, post: torch.Tensor) -> None:
-        th, step = self.th, self.step
-        # the larger of the end-of-backward norm and the norm the optimizer receives: clipping only shrinks
-        # a gradient, so a larger received norm means it was changed after the backward (e.g. scaled)
-        pre = torch.maximum(self._pre, post) if self._pre is not None else post
-        rows: dict[str, torch.Tensor] = {}
-        # z-score of log ||g_l|| against an EMA (mean and variance), spikes kept out of the EMA
-        x = torch.log(pre.clamp_min(1e-30))
-        ok = torch.isfinite(pre) & (pre > 0)
-        z = self._z
-        n = z["n"]
-        if n >= th.warmup:
-            corr = 1.0 - th.ema ** n
-            m, v = z["m"] / corr, z["v"] / corr
-            zs = (x - m) / torch.sqrt((v - m * m).clamp_min(1e-12))
-            zs = torch.where(ok, zs, self._nan)
-        else:
-            zs = self._nan
-        rows[S.NORM_Z] = zs
-        spike = torch.nan_to_num(zs.abs(), nan=0.0) >= th.z_alert
-        keep = ok & ~spike
-        b = th.ema
-        z["m"] = torch.where(keep, b * z["m"] + (1 - b) * x, z["m"])
-        z["v"] = torch.where(keep, b * z["v"] + (1 - b) * x * x, z["v"])
-        z["n"] = n + 1
-        # max |g| (pre-clip, reconstructed per layer from the post-clip max and the layer's norm ratio)
-        grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in self.plist]
-        mx = _norms(grads, float("inf"))
-        ratio = torch.where(post > 0, pre / post, torch.ones_like(post))
-        mx = mx * ratio
-        rows[S.MAXABS] = mx
-        q = self._mx
-        if q["n"] >= th.warmup:
-            est = q["m"] / (1.0 - th.max_abs_ema ** q["n"])
-            rows[S.MAXABS_RATIO] = torch.where(ok, mx / est.clamp_min(1e-30), self._nan)
-            big = torch.nan_to_num(rows[S.MAXABS_RATIO], nan=0.0) >= th.max_abs_alert
-        else:
-            rows[S.MAXABS_RATIO] = self._nan
-            big = torch.zeros_like(ok)
-        upd = ok & ~big
-        q["m"] = torch.where(upd, th.max_abs_ema * q["m"] + (1 - th.max_abs_ema) * mx, q["m"])
-        q["n"] += 1
-        # SPAM's element rule on the gradient the optimizer receives, against Adam's v before this update
-        if self.optimizer is not None and step >= th.spam_skip:
-            state = self.optimizer.state
-            vs = [state.get(p, {}).get("exp_avg_sq") for p in self.plist]
-            if all(v is not None for v in vs) and all(p.grad is not None for p in self.plist):
-                # one temporary: g*g - theta*v in place, then the count of its positive entries (ord-0 norm)
-                g2 = torch._foreach_mul(grads, grads)
-                torch._foreach_add_(g2, vs, alpha=-th.spam)
-                torch._foreach_clamp_min_(g2, 0.0)
-                counts = _norms(g2, 0).float()
-                numel = torch.tensor([float(p.numel()) for p in self.plist], device=counts.device)
-                rows[S.SPAM_FRAC] = counts / numel
-        self._spike_rows = rows
-
-    # --- per-example (factored capture) -------------------------------------------------------------------
-    def _per_example(self, inv) -> None:
-        from ..measures.spectra import batch_sq_norms
-
-        grads = self._tape.grads(skip_uncalled=True)  # a layer the loss bypasses this step has no factors
-        sq = batch_sq_norms(grads)  # {module: (B,)} squared norms of each example's contribution
-        for name, g in grads.items():
-            B = g.batch_size
-            k = _weight_name(name)
-            s = sq[name].double() * (B * B)  # per-example gradient g_e = B * c_e (their mean is the batch grad)
-            if inv is not None:
-                s = s * inv.double() ** 2
-            A, G = g.masked(g.A), g.masked(g.G)
-            tot = torch.einsum("btd,bte->de", G.double(), A.double())  # the micro-batch gradient sum_e c_e
-            big = tot.pow(2).sum() * (inv.double() ** 2 if inv is not None else 1.0)
-            acc = self._pe_acc.setdefault(k, [])
-            acc.append({"s": s, "big": big, "B": B})
-            if self.due("gsnr"):
-                acc[-1]["gsnr"] = _gsnr_layer(g, B)
-
-    def _pe_finish(self, step: int) -> None:
-        if not self._pe_acc:
-            return
-        th = self.th
-        names = [k for k in self._pe_names if k in self._pe_acc]
-        per_ex = None
-        S_hat, G_hat = [], []
-        for k in names:
-            parts = self._pe_acc[k]
-            s_all = torch.cat([p["s"] for p in parts])
-            per_ex = s_all if per_ex is None else per_ex + s_all
-            # B_small = 1 (mean per-example squared norm), B_big = the micro-batch; averaged over micro-batches
-            sh, gh = [], []
-            for p in parts:
-                B = p["B"]
-                if B < 2:
-                    continue
-                small, big = p["s"].mean(), p["big"]
-                gh.append((B * big - small) / (B - 1))
-                sh.append((small - big) / (1.0 - 1.0 / B))
-            S_hat.append(torch.stack(sh).mean() if sh else torch.tensor(float("nan"), dtype=torch.float64))
-            G_hat.append(torch.stack(gh).mean() if gh else torch.tensor(float("nan"), dtype=torch.float64))
-            if "gsnr" in parts[0]:
-                self._scalar(step, S.GSNR, torch.stack([p["gsnr"] for p in parts]).mean(), layer=k)
-        S_hat, G_hat = torch.stack(S_hat), torch.stack(G_hat)
-        nz = self._noise
-        b = th.noise_ema
-        ok = torch.isfinite(S_hat) & torch.isfinite(G_hat)
-        tot_S, tot_G = S_hat[ok].sum(), G_hat[ok].sum()
-        if nz["S"] is None:
-            nz["S"], nz["G"] = torch.zeros_like(S_hat), torch.zeros_like(G_hat)
-            nz["St"], nz["Gt"] = torch.zeros(()), torch.zeros(())
-        nz["S"] = torch.where(ok, b * nz["S"] + (1 - b) * S_hat, nz["S"])
-        nz["G"] = torch.where(ok, b * nz["G"] + (1 - b) * G_hat, nz["G"])
-        nz["St"] = b * nz["St"] + (1 - b) * tot_S.cpu()
-        nz["Gt"] = b * nz["Gt"] + (1 - b) * tot_G.cpu()
-        nz["n"] += 1
-        self._buffer.append((step, "N", names, S.TRACE_SIGMA, S_hat))
-        self._buffer.append((step, "N", names, S.GRAD_SQ, G_hat))
-        self._buffer.append((step, "N", names, S.NOISE_SCALE, nz["S"] / nz["G"]))
-        self._scalar(step, S.TRACE_SIGMA, tot_S)
-        self._scalar(step, S.GRAD_SQ, tot_G)
-        self._scalar(step, S.NOISE_SCALE, nz["St"] / nz["Gt"])
-        norms = per_ex.sqrt()
-        qs = torch.quantile(norms, torch.tensor([0.1, 0.5, 0.9], dtype=norms.dtype, device=norms.device))
-        for metric, v in zip((S.PE_Q10, S.PE_Q50, S.PE_Q90), qs):
-            self._scalar(step, metric, v)
-        self._scalar(step, S.PE_MAX, norms.max())
-        self._pe_acc = {}
 
     # --- named loss terms ----------------------------------------------------------------------------------
     def terms(self, losses: Mapping[str, torch.Tensor], *, force: bool = False) -> dict | None:
@@ -834,41 +686,6 @@ class Monitor:
         self.close()
 
 
-def _gsnr_layer(g, B: int, cap: int = 1 << 24) -> torch.Tensor:
-    """Cockpit's GSNR of one factored layer: mean over entries of mean_e(g)² / (var_e(g) + 1e-5), with the
-    per-example gradients g_e = B·c_e materialised in chunks of examples (population variance); NaN when
-    d_out·d_in exceeds `cap` (too large to materialise)."""
-    d = g.param_shape[0] * g.param_shape[1]
-    if d > cap:
-        return torch.tensor(float("nan"), dtype=torch.float64)
-    A, G = g.masked(g.A).double(), g.masked(g.G).double()
-    chunk = max(1, cap // max(d, 1))
-    s1 = torch.zeros(g.G.shape[-1], g.A.shape[-1], dtype=torch.float64, device=A.device)
-    s2 = torch.zeros_like(s1)
-    for i in range(0, B, chunk):
-        M = torch.einsum("bto,bti->boi", G[i:i + chunk], A[i:i + chunk]) * B
-        s1 += M.sum(0)
-        s2 += (M * M).sum(0)
-    mean = s1 / B
-    var = (s2 / B - mean * mean).clamp_min(0.0)
-    return (mean * mean / (var + 1e-5)).mean()
-
-
-def psr_nsr_terms(logps: torch.Tensor, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The PSR / NSR terms of a rewarded-rollout batch (Zhu et al. 2025): the policy-gradient loss of the
-    rollouts with positive advantage and of those with negative advantage, for `Monitor.terms`.
-
-    Args:
-        logps: (N,) summed log-probabilities of the rollouts' responses (with grad).
-        advantages: (N,) their advantages (or rewards); zero-advantage rollouts belong to neither term.
-    """
-    a = advantages.detach().to(logps.dtype)
-    pos, neg = a > 0, a < 0
-    if not bool(pos.any()) or not bool(neg.any()):
-        raise ValueError("psr_nsr_terms: the batch needs rollouts with positive and with negative advantage")
-    return {"psr": -(a[pos] * logps[pos]).sum(), "nsr": -(a[neg] * logps[neg]).sum()}
-
-
 def _model_meta(model: nn.Module) -> dict:
     cfg = getattr(model, "config", None)
     name = getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None)
@@ -883,17 +700,6 @@ def optimizer_meta(opt) -> dict:
     g = opt.param_groups[0] if getattr(opt, "param_groups", None) else {}
     return {"name": type(opt).__name__, "lr": g.get("lr"), "betas": g.get("betas"), "momentum": g.get("momentum"),
             "weight_decay": g.get("weight_decay")}
-
-
-def dpo_terms(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The chosen / rejected terms of a preference batch for `Monitor.terms`: the summed log-probabilities of
-    the chosen and of the rejected responses. Their gradients' cosine is the gradient entanglement of
-    DPO-style training (a DPO step moves along ∇log π(y_w) − ∇log π(y_l); when the two are aligned, pushing
-    the rejected response down also pushes the chosen one down)."""
-    if chosen_logps.shape != rejected_logps.shape:
-        raise ValueError(f"dpo_terms: chosen {tuple(chosen_logps.shape)} and rejected "
-                         f"{tuple(rejected_logps.shape)} log-probabilities must pair up")
-    return {"chosen": chosen_logps.sum(), "rejected": rejected_logps.sum()}
 
 
 def _world() -> int:
