@@ -44,11 +44,18 @@ test: $(STAMP) browser
 # The benchmarks compare against the peers' own packages, installed --no-deps so they can never pull another
 # torch: pyhessian and loss-landscapes (curvature, landscapes), Opacus and BackPACK (per-example gradient
 # norms; their small dependencies opt-einsum, einops and unfoldNd named explicitly).
+# The training monitor's peers: wandb (offline; its dependencies under constraints.txt) and Cockpit (--no-deps,
+# with the plotting packages it imports).
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps "pyhessian==0.1" "loss-landscapes==3.0.6" "opacus==1.6.0" \
-	  "opt-einsum==3.4.0" "backpack-for-pytorch==1.7.1" "einops==0.8.2" "unfoldNd==0.2.3"
+	  "opt-einsum==3.4.0" "backpack-for-pytorch==1.7.1" "einops==0.8.2" "unfoldNd==0.2.3" "cockpit-for-pytorch==1.0.2"
+	$(BIN)/python -m pip install -q -c constraints.txt "wandb==0.31.0" "json-tricks==3.17.3" "matplotlib==3.11.2" \
+	  "seaborn==0.13.2"
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/curvature.py
+	$(BIN)/python benchmarks/monitor.py
+	$(BIN)/python benchmarks/transforms.py
+	$(BIN)/python benchmarks/conflict.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
