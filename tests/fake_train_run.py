@@ -123,9 +123,9 @@ def fake_diagnoses(n_steps: int) -> pd.DataFrame:
          json.dumps({"first": 3.1, "final": 0.6}), "Nothing to do."),
         (S.RULE_NORM_Z, SPIKE_STEP, SPIKE_STEP + 2, EVIL_LAYER, "warning",
          f"Gradient norm spike x{SPIKE:g} in {EVIL} {MARKUP}", json.dumps({"z": 9.5, "layer": EVIL}),
-         "Clip per layer (gradsight.transforms.clip_by_layer) or lower the lr."),
+         "Clip per layer (gradsight.transforms.clip_per_layer) or lower the lr."),
         (S.RULE_NONFINITE, NAN_STEP, NAN_STEP, NAN_LAYER, "error", "A NaN gradient in the down projection.",
-         json.dumps({"n": 1}), "Skip non-finite steps (gradsight.transforms.skip_nonfinite)."),
+         json.dumps({"n": 1}), "Skip non-finite steps (gradsight.transforms.apply_if_finite)."),
     ]
     df = pd.DataFrame(rows, columns=S.DIAGNOSIS_COLUMNS)
     return df.astype({"step": np.int64, "last_step": np.int64})

@@ -9,7 +9,9 @@ running medians are exactly c and the numbers in the messages are known in advan
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -251,11 +253,13 @@ def test_clipping_fires():
 
 # --- 5. update/parameter ratio ------------------------------------------------------------------------------
 
-def test_update_ratio_fires():
-    n = 300
+def update_ratio_trace(n: int = 300) -> pd.DataFrame:
     values = {L[0]: 1e-3, L[1]: 0.05, L[2]: 1e-3, L[3]: 1e-6, L[4]: 1e-3}
-    out = diagnose(frame(*[rows(S.UPDATE_RATIO, k, ripple(n, v)) for k, v in values.items()]), None,
-                   rules=["update_ratio"])
+    return frame(*[rows(S.UPDATE_RATIO, k, ripple(n, v)) for k, v in values.items()])
+
+
+def test_update_ratio_fires():
+    out = diagnose(update_ratio_trace(), None, rules=["update_ratio"])
     assert list(out["layer"]) == [L[1], L[3]] and set(out["rule"]) == {"update_ratio"}
     assert list(out["step"]) == [100, 100] and list(out["last_step"]) == [299, 299]
     hi, lo = out.iloc[0], out.iloc[1]
@@ -265,10 +269,13 @@ def test_update_ratio_fires():
 
 # --- 6. vanishing / exploding layers --------------------------------------------------------------------------
 
-def test_layer_scale_fires():
-    n = 300
+def layer_scale_trace(n: int = 300) -> pd.DataFrame:
     scale = {L[0]: 1.0, L[1]: 1.0, L[2]: 500.0, L[3]: 1.0, L[4]: 0.004, L[5]: 1.0, "lm_head.weight": 1.0}
-    out = diagnose(frame(*[rows(S.GRAD_NORM, k, ripple(n, v)) for k, v in scale.items()]), None)
+    return frame(*[rows(S.GRAD_NORM, k, ripple(n, v)) for k, v in scale.items()])
+
+
+def test_layer_scale_fires():
+    out = diagnose(layer_scale_trace(), None)
     assert list(out["rule"]) == ["layer_scale", "layer_scale"]  # and no spike: a constant scale is no spike
     ex, va = out.iloc[0], out.iloc[1]
     assert ex["layer"] == L[2] and "exploding" in ex["message"] and "500×" in ex["message"]
@@ -277,13 +284,17 @@ def test_layer_scale_fires():
 
 # --- 7. conflicting terms -------------------------------------------------------------------------------------
 
-def test_conflict_fires():
+def conflict_trace() -> pd.DataFrame:
     steps = np.arange(0, 200, 5)  # 40 measurements
     cos = np.where(np.arange(len(steps)) % 2 == 0, -0.2, 0.3)
     per_layer = np.where(np.arange(len(steps)) % 5 < 3, -0.1, 0.2)  # 60% negative
-    s = frame(rows(S.COS_PREFIX + "lm|aux", S.MODEL, cos, steps), rows(S.COS_PREFIX + "lm|aux", L[2], per_layer, steps),
-              rows(S.COS_PREFIX + "lm|kl", S.MODEL, np.full(5, -0.5), steps[:5]))  # 5 < min_measured
-    out = diagnose(s, None, rules=["conflict"])
+    return frame(rows(S.COS_PREFIX + "lm|aux", S.MODEL, cos, steps),
+                 rows(S.COS_PREFIX + "lm|aux", L[2], per_layer, steps),
+                 rows(S.COS_PREFIX + "lm|kl", S.MODEL, np.full(5, -0.5), steps[:5]))  # 5 < min_measured
+
+
+def test_conflict_fires():
+    out = diagnose(conflict_trace(), None, rules=["conflict"])
     assert len(out) == 1
     d = out.iloc[0]
     assert (d["rule"], d["step"], d["last_step"], d["layer"]) == ("conflict", 0, 195, S.MODEL)
@@ -313,12 +324,18 @@ def test_edge_of_stability_fires():
 
 # --- 9. softmax collapse --------------------------------------------------------------------------------------
 
-def test_softmax_collapse_fires():
-    steps = 50 * np.arange(11)
+COLLAPSE_STEPS = 50 * np.arange(11)
+
+
+def collapse_trace() -> pd.DataFrame:
     sc = [0, 0, 0, 0, 0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.4]
     zl = [0, 0, 0, 0, 0, 0.0, 0.05, 0.1, 0.25, 0.3, 0.3]
-    out = diagnose(frame(rows(S.SC_FP32, S.MODEL, sc, steps), rows(S.ZERO_LOSS, S.MODEL, zl, steps)), None,
-                   rules=["softmax_collapse"])
+    return frame(rows(S.SC_FP32, S.MODEL, sc, COLLAPSE_STEPS), rows(S.ZERO_LOSS, S.MODEL, zl, COLLAPSE_STEPS))
+
+
+def test_softmax_collapse_fires():
+    steps = COLLAPSE_STEPS
+    out = diagnose(collapse_trace(), None, rules=["softmax_collapse"])
     d = out.iloc[0]
     assert len(out) == 1 and (d["rule"], d["step"], d["last_step"]) == ("softmax_collapse", 300, 500)
     assert "30% of rows" in d["message"] and "25% of rows have a zero loss" in d["message"]
@@ -329,14 +346,17 @@ def test_softmax_collapse_fires():
 
 # --- 10. noise scale vs batch size ------------------------------------------------------------------------------
 
+def noise_trace(c: float) -> pd.DataFrame:
+    return frame(rows(S.NOISE_SCALE, S.MODEL, ripple(300, c)))
+
+
 def test_noise_scale_fires_both_ways():
-    s = frame(rows(S.NOISE_SCALE, S.MODEL, ripple(300, 3200.0)))
+    s = noise_trace(3200.0)
     d = diagnose(s, None, {"batch_size": 32}, rules=["noise_scale"]).iloc[0]
     assert (d["rule"], d["step"], d["last_step"]) == ("noise_scale", 100, 299)
     assert "B_simple 3200 is 100× the batch size 32" in d["message"] and "larger batch" in d["message"]
     assert "raise the batch size toward ~3200" in d["action"]
-    d = diagnose(frame(rows(S.NOISE_SCALE, S.MODEL, ripple(300, 4.0))), None, {"batch_size": 512},
-                 rules=["noise_scale"]).iloc[0]
+    d = diagnose(noise_trace(4.0), None, {"batch_size": 512}, rules=["noise_scale"]).iloc[0]
     assert "0.00781×" in d["message"] and "larger than useful" in d["message"]
     assert diagnose(s, None, {}, rules=["noise_scale"]).empty  # no batch size: nothing to compare with
 
@@ -435,3 +455,57 @@ def test_summarize_empty_run(tmp_path):
     assert all((run / f"{n}.parquet").exists() for n in (S.SERIES, S.ALERTS, S.DIAGNOSES))
     with pytest.raises(FileNotFoundError):
         summarize(tmp_path / "nothing")
+
+
+# --- actions name real transforms ----------------------------------------------------------------------------
+
+CALL = re.compile(r"([A-Za-z_][\w.]*)\(")  # a name written as a call: "spam()", "gradsight.transforms.spam("
+PREFIX = "gradsight.transforms."
+
+
+def together_trace(n: int = 400) -> pd.DataFrame:
+    """Every layer spikes 40x at step 300: the grad_spike rule's global-clipping branch."""
+    spike = np.where(np.arange(n) == 300, 40.0, 1.0)
+    return frame(*[rows(S.GRAD_NORM, layer, ripple(n, 1.0) * spike) for layer in L])
+
+
+def fire_actions() -> pd.DataFrame:
+    """Every rule run over every firing trace of this file (both branches where a rule has two actions)."""
+    traces = [(spike_trace(), MANIFEST), (together_trace(), MANIFEST), (loss_trace(), MANIFEST),
+              (loss_trace(lr_jump=True, persistent=True), MANIFEST), (loss_trace(persistent=True), MANIFEST),
+              (nonfinite_trace(), MANIFEST), (nonfinite_trace(skipped=False), MANIFEST),
+              (clip_trace({1, 2, 3, 4}), MANIFEST), (update_ratio_trace(), MANIFEST),
+              (layer_scale_trace(), MANIFEST), (conflict_trace(), MANIFEST),
+              (eos_trace([1.025, 1.05, 1.05, 1.05, 1.075]), MANIFEST), (collapse_trace(), MANIFEST),
+              (noise_trace(3200.0), {"batch_size": 32}), (noise_trace(4.0), {"batch_size": 512})]
+    return pd.concat([diagnose(s, None, m) for s, m in traces], ignore_index=True)
+
+
+def test_actions_name_only_real_transforms():
+    import gradsight.transforms as gt
+
+    real = set(gt.__all__)
+    out = fire_actions()
+    assert set(out["rule"]) == set(RULES)  # every rule's action is checked
+    assert "clip_by_global_norm" in " ".join(out["action"])  # the together branch fired
+    named = set()
+    for rule, action in zip(out["rule"], out["action"]):
+        for name in CALL.findall(action):
+            short = name[len(PREFIX):] if name.startswith(PREFIX) else name
+            assert short in real and "." not in short, (rule, name, action)
+            named.add(short)
+        for agg in re.findall(r"aggregator='(\w+)'", action):
+            assert agg in gt.AGGREGATORS, (rule, agg, action)
+    assert {"spam", "clip_per_layer", "clip_by_global_norm", "apply_if_finite", "orthograd",
+            "aggregate_backward"} <= named
+
+
+def test_rule_sources_name_only_real_transforms():
+    import gradsight.train.diagnose as diag
+    import gradsight.train.rules as rules
+    import gradsight.transforms as gt
+
+    text = inspect.getsource(diag) + inspect.getsource(rules)
+    mentioned = set(re.findall(r"gradsight\.transforms\.(\w+)", text))
+    assert len(mentioned) >= 6 and mentioned <= set(gt.__all__), mentioned - set(gt.__all__)
+    assert not re.search(r"gradsight\.transforms\.[\"']", text)  # a name split across string literals

@@ -26,7 +26,7 @@ import pandas as pd
 
 from ..runs.store import Layout, read_manifest, write_parquet
 from . import schema as S
-from .diagnose import Thresholds, diagnose
+from .diagnose import DiagnosisThresholds, diagnose
 
 __all__ = ["summarize", "committed_shards", "read_table"]
 
@@ -75,14 +75,14 @@ def read_table(run_dir: Path | str, table: str, columns: list[str], key: list[st
 
 
 def summarize(run_dir: Path | str, cfg=None, info=None, *,
-              thresholds: Thresholds | None = None) -> dict[str, pd.DataFrame]:
+              thresholds: DiagnosisThresholds | None = None) -> dict[str, pd.DataFrame]:
     """Merge a monitor run's shards, diagnose them, write the summary tables; returns them.
 
     Args:
         run_dir: the run directory (must hold manifest.json).
         cfg, info: accepted for the analysis registry's ``summarize(run_dir, cfg, info)`` protocol; unused,
             everything is read from the run directory.
-        thresholds: the diagnosis thresholds (default `Thresholds()`).
+        thresholds: the diagnosis thresholds (default `DiagnosisThresholds()`).
 
     Returns:
         {"series": SERIES (SCALAR_COLUMNS), "alerts": ALERTS merged (ALERT_COLUMNS), "diagnoses": DIAGNOSES}.
