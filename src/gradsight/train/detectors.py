@@ -24,7 +24,7 @@ import torch
 
 from . import schema as S
 
-__all__ = ["Thresholds", "norms", "is_dtensor", "SpikeDetector", "NoiseAccumulator", "gsnr_layer"]
+__all__ = ["Thresholds", "norms", "max_abs", "is_dtensor", "SpikeDetector", "NoiseAccumulator", "gsnr_layer"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,14 @@ def norms(tensors: list[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
             out.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
         return _stack(out)
     return _stack(torch._foreach_norm(tensors, ord))
+
+
+def max_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """(L,) max |t| per tensor: `torch.aminmax` per tensor (the foreach inf-norm takes a slow path on CPU, ~8x
+    slower here); DTensor shards through the full-tensor inf-norm."""
+    if tensors and is_dtensor(tensors[0]):
+        return norms(tensors, float("inf"))
+    return _stack([torch.maximum(lo.neg(), hi) for lo, hi in (torch.aminmax(t) for t in tensors)])
 
 
 def is_dtensor(t) -> bool:
@@ -117,7 +125,7 @@ class SpikeDetector:
         z["n"] = n + 1
         # max |g| before clipping: the received max scaled by the layer's norm ratio (exact for any clipping
         # that scales a tensor uniformly: global or per-layer norm clipping)
-        mx = norms(grads, float("inf")) * torch.where(post > 0, pre / post, torch.ones_like(post))
+        mx = max_abs(grads) * torch.where(post > 0, pre / post, torch.ones_like(post))
         rows[S.MAXABS] = mx
         q = self.mx
         if q["n"] >= th.warmup:
@@ -132,11 +140,13 @@ class SpikeDetector:
         q["n"] += 1
         vs = second_moments
         if step >= th.spam_skip and vs is not None and all(v is not None for v in vs):
-            # one temporary: g*g - theta*v in place, then the count of its positive entries (ord-0 norm)
+            # one temporary: g*g - theta*v in place, then the count of its positive entries as the squared
+            # L2 norm of their signs (foreach L2 norms are ~4x faster than ord-0 or ord-1 ones on CPU)
             g2 = torch._foreach_mul(grads, grads)
             torch._foreach_add_(g2, vs, alpha=-th.spam)
             torch._foreach_clamp_min_(g2, 0.0)
-            counts = norms(g2, 0).float()
+            torch._foreach_sign_(g2)
+            counts = norms(g2).double().pow(2).round().float()
             numel = torch.tensor([float(g.numel()) for g in grads], device=counts.device)
             rows[S.SPAM_FRAC] = counts / numel
         return rows
