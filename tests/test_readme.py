@@ -46,6 +46,10 @@ def test_python_examples_run(tmp_path, monkeypatch):
     assert torch.allclose(g.sq_norms(), ns["out"]["sq_norms"]["model.layers.3.mlp.down_proj"], rtol=1e-6)
     assert torch.allclose(g.singular_values().sum(1), ns["out"]["spectra"]["model.layers.3.mlp.down_proj"]["nuclear"],
                           rtol=1e-6)
+    # the training monitor, its HF callback and the transforms
+    for run in ("train", "hf-train"):
+        assert (tmp_path / "runs" / run / "report.html").exists() and (tmp_path / "runs" / run / "series.parquet").exists()
+    assert ns["info"]["weights"].shape == (2,) and "post" in ns["w"].last_stats
 
 
 def test_documented_commands_parse():
