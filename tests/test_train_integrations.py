@@ -222,6 +222,11 @@ def test_gradsight_report_renders_a_training_run(tmp_path, capsys):
     assert e.value.code in (0, None)
     page = (tmp_path / "run" / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "grad" in page
+    import gradsight
+
+    run = gradsight.open_run(tmp_path / "run")
+    assert list(run.metric(S.LOSS).index) == list(range(30)) and run.manifest["finished"]
+    assert len(run.metric(S.GRAD_NORM, "0.weight")) == 30 and list(run.diagnoses.columns) == S.DIAGNOSIS_COLUMNS
 
 
 def test_callbacks_refuse_a_trainer_without_their_requirements(tmp_path):

@@ -110,4 +110,8 @@ def analyze(name: str, data: Any = None, out: str | Path | None = None, *, model
 def open_run(path: str | Path) -> Any:
     """A finished (or partial) run as its analysis' result object (LayersResult, GeometryResult, ...)."""
     man = read_manifest(Path(path))
-    return registry.get(man.get("analysis", "layers")).open(Path(path), None)
+    name = man.get("analysis", "layers")
+    kind = registry.kind(name)
+    if kind is not None and kind.open is not None:  # a run written outside the engine (a training monitor)
+        return kind.open(Path(path))
+    return registry.get(name).open(Path(path), None)

@@ -231,11 +231,13 @@ class RunKind:
         name: the manifest's "analysis" value (e.g. "train").
         summarize: ``summarize(run_dir) -> {table: DataFrame}``: the summary tables, from the run's shards only.
         report: its page, terminal summary and findings.
+        open: ``open(run_dir) -> result``: the run read back (`gradsight.open_run`).
     """
 
     name: str
     summarize: Callable
     report: ReportSpec
+    open: Callable | None = None
 
 
 # the modules that register the built-in run kinds (imported on first use)
