@@ -43,6 +43,7 @@ __all__ = [
     "noise_scale",
     "noise_scale_ci",
     "noise_scale_two_batch",
+    "two_batch_estimates",
     "noise_scale_microbatches",
     "gsnr",
     "per_layer_noise",
@@ -125,6 +126,15 @@ def noise_scale_ci(F, n_boot: int = 1000, ci: float = 0.95, seed: int = 0, *, un
             "frac_no_signal": float((gsq <= 0).double().mean())}
 
 
+def two_batch_estimates(S_small, S_big, B_small: float, B_big: float):
+    """The unbiased (|G|^2, tr Sigma) of McCandlish et al. from squared batch-gradient norms (formula in
+    `noise_scale_two_batch`), by arithmetic only: floats, numpy arrays or torch tensors (which stay on their
+    device; the training monitor uses it per step without a host sync). No argument checks."""
+    g_sq = (B_big * S_big - B_small * S_small) / (B_big - B_small)
+    trace = (S_small - S_big) / (1.0 / B_small - 1.0 / B_big)
+    return g_sq, trace
+
+
 def noise_scale_two_batch(S_small, S_big, B_small, B_big) -> dict:
     """McCandlish two-batch estimators of |G|^2 and tr(Sigma) from squared norms of two batch gradients.
 
@@ -155,8 +165,7 @@ def noise_scale_two_batch(S_small, S_big, B_small, B_big) -> dict:
     s_big = np.asarray(S_big, dtype=np.float64)
     if s_small.shape != s_big.shape:
         raise ValueError(f"S_small and S_big shapes differ: {s_small.shape} vs {s_big.shape}")
-    g_sq = (B_big * s_big - B_small * s_small) / (B_big - B_small)
-    tr = (s_small - s_big) / (1.0 / B_small - 1.0 / B_big)
+    g_sq, tr = two_batch_estimates(s_small, s_big, B_small, B_big)
     b = ratio(float(np.mean(tr)), float(np.mean(g_sq)))
     if s_small.ndim == 0:
         return {"g_sq": float(g_sq), "trace_sigma": float(tr), "b_simple": b}

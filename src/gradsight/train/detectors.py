@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..stats.noise import two_batch_estimates
 from . import schema as S
 
 __all__ = ["Thresholds", "norms", "max_abs", "is_dtensor", "SpikeDetector", "NoiseAccumulator", "gsnr_layer"]
@@ -191,9 +192,9 @@ class NoiseAccumulator:
                 B = p["B"]
                 if B < 2:
                     continue
-                small, big = p["s"].mean(), p["big"]
-                gh.append((B * big - small) / (B - 1))
-                sh.append((small - big) / (1.0 - 1.0 / B))
+                g_sq, trace = two_batch_estimates(p["s"].mean(), p["big"], 1.0, float(B))  # B_small = 1
+                gh.append(g_sq)
+                sh.append(trace)
             S_hat.append(torch.stack(sh).mean() if sh else nan.to(s_all.device))
             G_hat.append(torch.stack(gh).mean() if gh else nan.to(s_all.device))
             if "gsnr" in parts[0]:
