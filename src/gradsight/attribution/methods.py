@@ -27,7 +27,7 @@ training features (the whole-model feature, below),
 For other losses (`out="loss"`, e.g. a language model's sequence NLL) phi = x and Q = 1.
 The whole-model feature concatenates the layers' features when their total size is at most `trak_dim`
 (exact: P = I) and otherwise sums per-layer seeded projections to `trak_dim` (Gaussian N(0, 1/k) while the
-matrices fit in 2^26 entries, else a CountSketch). lambda defaults to 0 with a pseudo-inverse (TRAK's own
+matrices fit in 2^26 entries, else a CountSketch). lambda defaults to 0 with a pseudo-inverse (eigenvalues below 1e-6 x the largest dropped; TRAK's own
 default); with N < k a positive damping is advised (TRAK issue #24).
 """
 
@@ -46,8 +46,9 @@ __all__ = ["METHODS", "Block", "Checkpoint", "Scorer", "score_matrix", "check_me
 
 METHODS = ("grad_dot", "grad_cos", "tracin", "raw", "kfac", "ekfac", "trak")
 CURVATURE = {"raw": "raw", "kfac": "kfac", "ekfac": "ekfac"}
-DEFAULT_DAMPING = {"raw": 0.1, "kfac": 0.1, "ekfac": 0.1, "trak": 0.0}
+DEFAULT_DAMPING = {"raw": 0.1, "kfac": 0.1, "ekfac": 0.1, "trak": 0.01}
 MAX_GAUSSIAN = 2**26
+RCOND = 1e-6  # relative cutoff of TRAK's pseudo-inverse
 
 
 def check_method(name: str) -> str:
@@ -236,7 +237,9 @@ class Scorer:
                 w, Q = sym_eigh(H)
                 lam = self.damping * float(w.mean()) if self.damping_mode == "relative" else self.damping
                 d = w + lam
-                inv = torch.where(d > 1e-12 * max(float(w.max()), 1e-300), 1.0 / d.clamp_min(1e-300),
+                # a pseudo-inverse below rcond (float32 features carry ~1e-7 relative noise: eigenvalues under
+                # 1e-6 x the largest are noise, and with N < k there are k - N exact zeros)
+                inv = torch.where(d > RCOND * max(float(w.max()), 1e-300), 1.0 / d.clamp_min(1e-300),
                                   torch.zeros_like(d))
                 f.trak = (Q, inv, lam)
             self.fitted.append(f)
@@ -259,21 +262,35 @@ class Scorer:
         """Per checkpoint, the query side ready for dot products with training features (float64)."""
         if len(queries) != len(self.fitted):
             raise ValueError(f"{len(queries)} query feature sets for {len(self.fitted)} checkpoints")
-        prep = []
-        for f, q, w in zip(self.fitted, queries, self.weights):
-            if w == 0.0:
-                prep.append(None)
-            elif self.method == "trak":
-                Q, inv, _ = f.trak
-                phi = self._trak_phi(q)
-                prep.append({"__model__": ((phi @ Q) * inv) @ Q.T})  # (M, k)
-            elif self.method in CURVATURE:
-                prep.append({n: f.layers[n].solve(X) for n, X in q.feats.items()})
-            elif self.method == "grad_cos":
-                prep.append(_normalised(q.feats))
-            else:
-                prep.append({n: X.double() for n, X in q.feats.items()})
-        return prep
+        return [self._prep_one(k, q) for k, q in enumerate(queries)]
+
+    def _prep_one(self, k: int, q: Block) -> dict | None:
+        f, w = self.fitted[k], self.weights[k]
+        if w == 0.0:
+            return None
+        if self.method == "trak":
+            Q, inv, _ = f.trak
+            return {"__model__": ((self._trak_phi(q) @ Q) * inv) @ Q.T}  # (M, k)
+        if self.method in CURVATURE:
+            return {n: f.layers[n].solve(X) for n, X in q.feats.items()}
+        if self.method == "grad_cos":
+            return _normalised(q.feats)
+        return {n: X.double() for n, X in q.feats.items()}
+
+    def self_score(self, k: int, b: Block) -> torch.Tensor:
+        """(n,) checkpoint k's weighted self-influence of each example of b: its score against itself (for
+        grad_cos the constant 1 x eta_k). Large values flag outliers and mislabeled examples."""
+        w = self.weights[k]
+        if w == 0.0:
+            return torch.zeros(b.n, dtype=torch.float64)
+        P = self._prep_one(k, b)
+        if self.method == "trak":
+            s = (self._trak_phi(b) * P["__model__"]).sum(1)
+            if self.out == "margin":
+                s = s * torch.tensor([self.q_mean.get(int(i), 0.0) for i in b.ids.tolist()], dtype=torch.float64)
+            return w * s
+        feats = _normalised(b.feats) if self.method == "grad_cos" else b.feats
+        return w * sum((X.double().reshape(b.n, -1) * P[n].reshape(b.n, -1)).sum(1) for n, X in feats.items())
 
     def score(self, prep: list, k: int, b: Block, per_layer: bool = False):
         """(n, M) weighted contribution of checkpoint k's training block b (float64); with `per_layer`, also

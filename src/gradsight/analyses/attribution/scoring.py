@@ -1,0 +1,286 @@
+"""Scoring at the end of an attribution run: stream the stored training features, score every query set.
+
+`finish` (rank 0, after every unit is committed; other ranks only restore the model) runs, per method:
+
+1. `Scorer.fit` over the checkpoints: the covariance shards summed per checkpoint, one pass over the training
+   feature shards where the curvature needs it (EK-FAC's eigenvalue correction, the raw covariance, TRAK's
+   Phi'Phi);
+2. the queries' features (a few hundred rows) prepared once;
+3. one more pass over the training shards in blocks of `block_size`: the (n, M) block of scores, accumulated
+   into the full matrix when N x M <= max_dense (then stored as scores/METHOD.safetensors), otherwise only
+   the running top-k per query; self-influence and per-layer magnitude shares on the way.
+
+Nothing N_train x N_query is held in memory unless it fits `max_dense`. Files are written atomically; a killed
+finish reruns from the committed shards. For language models, the tokens of each query's top proponents are
+scored one by one (kronfluence's per-token scores: the training gradient is a sum over its positions).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+from ...attribution.features import LayerCovariance
+from ...attribution.methods import CURVATURE, Block, Checkpoint, Scorer
+from ...runs.store import atomic_write_text, merge_shards, write_parquet, write_safetensors
+from .compute import QUERY, TRAIN, AttrState, load_checkpoint, restore
+
+__all__ = ["finish", "read_examples", "feature_blocks", "covariances"]
+
+
+def read_examples(run: Path) -> pd.DataFrame:
+    """Every unit's row (sorted by idx) from the examples shards."""
+    files = sorted((run / "examples").glob("*.parquet"))
+    if not files:
+        return pd.DataFrame(columns=["idx", "set", "example", "checkpoint", "status"])
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True).sort_values("idx").reset_index(drop=True)
+
+
+def feature_blocks(run: Path, keys: dict[int, int], losses: dict[int, float], layers: list[str],
+                   block_size: int) -> Iterator[Block]:
+    """Blocks of features of the units `keys` ({unit key: example index}) read shard by shard, re-chunked to at
+    most `block_size` rows; ids are the example indices (not unit keys)."""
+    buf: list[tuple[dict, list]] = []
+    n_buf = 0
+
+    def emit():
+        feats = {n: torch.cat([b[0][n] for b in buf]) for n in layers}
+        ids = [i for b in buf for i in b[1]]
+        return Block(feats, torch.tensor([losses[keys_of[i]] for i in ids], dtype=torch.float64),
+                     torch.tensor(ids, dtype=torch.int64))
+
+    keys_of = {v: k for k, v in keys.items()}
+    for f in sorted((run / "features").glob("*.safetensors")):
+        t = load_file(str(f))
+        idx = t["__idx__"].tolist()
+        rows = [p for p, k in enumerate(idx) if k in keys]
+        if not rows:
+            continue
+        sel = torch.tensor(rows)
+        for lo in range(0, len(rows), block_size):
+            part = sel[lo:lo + block_size]
+            buf.append(({n: t[n][part] for n in layers}, [keys[idx[p]] for p in part.tolist()]))
+            n_buf += len(part)
+            if n_buf >= block_size:
+                yield emit()
+                buf, n_buf = [], 0
+    if buf:
+        yield emit()
+
+
+def covariances(run: Path, k: int, layers: list[str]) -> dict[str, LayerCovariance]:
+    """Checkpoint k's projected K-FAC covariance sums over every covariance shard."""
+    out: dict[str, LayerCovariance] = {}
+    for f in sorted((run / "covariance").glob("*.safetensors")):
+        t = load_file(str(f))
+        rows = (t["checkpoint"] == k).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        for n in layers:
+            if f"A/{n}" not in t:
+                continue
+            A, S = t[f"A/{n}"][rows].sum(0), t[f"S/{n}"][rows].sum(0)
+            nt, ne = t[f"n/{n}"][rows].sum(0).tolist()
+            c = LayerCovariance(A.double(), S.double(), int(nt), int(ne))
+            out[n] = c if n not in out else out[n] + c
+    return out
+
+
+def _sets(ex: pd.DataFrame, k: int, s: str) -> pd.DataFrame:
+    d = ex[(ex["set"] == s) & (ex["checkpoint"] == k) & (ex["status"] == "ok")]
+    return d.sort_values("example")
+
+
+class _TopK:
+    """Running top-k (largest and smallest) per query over blocks of scores."""
+
+    def __init__(self, M: int, k: int):
+        self.k = k
+        self.hi_v = torch.full((0, M), float("-inf"), dtype=torch.float64)
+        self.hi_i = torch.zeros((0, M), dtype=torch.int64)
+        self.lo_v, self.lo_i = self.hi_v.clone(), self.hi_i.clone()
+
+    def add(self, S: torch.Tensor, ids: torch.Tensor, exclude_self: torch.Tensor | None = None) -> None:
+        M = S.shape[1]
+        I = ids.view(-1, 1).expand(-1, M)
+        hi, lo = S.clone(), S.clone()
+        if exclude_self is not None:  # train x train: a query is not its own proponent
+            same = I == exclude_self.view(1, -1)
+            hi[same], lo[same] = float("-inf"), float("inf")
+        for attr_v, attr_i, X, largest in (("hi_v", "hi_i", hi, True), ("lo_v", "lo_i", lo, False)):
+            v = torch.cat([getattr(self, attr_v), X])
+            i = torch.cat([getattr(self, attr_i), I])
+            kk = min(self.k, v.shape[0])
+            top = torch.topk(v, kk, dim=0, largest=largest)
+            setattr(self, attr_v, top.values)
+            setattr(self, attr_i, torch.gather(i, 0, top.indices))
+
+
+def finish(plan, resumed: int) -> dict:
+    st: AttrState = plan.state
+    try:
+        if plan.info.is_main:
+            return _score_all(plan.run_dir, st)
+        return {}
+    finally:
+        restore(st)
+
+
+def _score_all(run: Path, st: AttrState) -> dict:
+    cfg = st.cfg
+    ex = read_examples(run)
+    train_run = st.features_from or run
+    tex = read_examples(train_run) if st.features_from else ex
+    layers = list(st.modules)
+    out_dir = run / "attribution"
+    out_dir.mkdir(exist_ok=True)
+    ckpts, queries = [], []
+    self_mode = st.n_query == 0
+    for k in range(st.n_ckpt):
+        tr = _sets(tex, k, TRAIN)
+        if tr.empty:
+            raise ValueError("no usable training example (every one was skipped): nothing to attribute to")
+        tkeys = dict(zip(tr["idx"].astype(int), tr["example"].astype(int)))
+        tloss = dict(zip(tr["idx"].astype(int), tr["loss"].astype(float)))
+        covs = covariances(train_run, k, layers)
+        shapes = _shapes(train_run, layers)
+        ckpts.append(Checkpoint(lambda r=train_run, a=tkeys, b=tloss: feature_blocks(r, a, b, layers, cfg.block_size),
+                                covs, shapes, lr=st.lrs[k], name=f"checkpoint {k}"))
+        q = tr if self_mode else _sets(ex, k, QUERY)
+        if q.empty:
+            raise ValueError("no usable query example (every one was skipped): nothing to score")
+        qkeys = dict(zip(q["idx"].astype(int), q["example"].astype(int)))
+        qloss = dict(zip(q["idx"].astype(int), q["loss"].astype(float)))
+        b = next(iter(feature_blocks(train_run if self_mode else run, qkeys, qloss, layers, 10**9)))
+        o = torch.argsort(b.ids)  # queries in example order, whatever the shard order (ranks)
+        queries.append(Block({n: X[o] for n, X in b.feats.items()}, b.losses[o], b.ids[o]))
+    n_train = len(_sets(tex, st.n_ckpt - 1, TRAIN))
+    q_ids = queries[-1].ids
+    M = q_ids.numel()
+    dense = n_train * M <= cfg.max_dense
+    if st.n_ckpt > 1 and not dense:
+        raise ValueError(f"{n_train} x {M} scores over {st.n_ckpt} checkpoints exceed --max-dense {cfg.max_dense}; "
+                         "raise it (the matrix is float32 in memory) or score fewer queries at a time")
+    out_kind = "margin" if st.source.kind == "module" and st.source.loss == "cross_entropy" else "loss"
+    tops, selfs, shares, curv, info = [], [], [], [], {}
+    train_ids = sorted(tkeys.values())
+    for method in cfg.methods:
+        sc = Scorer(method, damping=cfg.damping, damping_mode=cfg.damping_mode, trak_dim=cfg.trak_dim,
+                    out=out_kind, seed=cfg.seed).fit(ckpts)
+        prep = sc.prepare(queries)
+        full = torch.zeros(n_train and max(train_ids) + 1, M, dtype=torch.float64) if dense else None
+        topk = _TopK(M, cfg.top_k)
+        self_s: dict[int, float] = {}
+        layer_abs = {n: torch.zeros(M, dtype=torch.float64) for n in layers}
+        for k, ck in enumerate(ckpts):
+            for b in ck.blocks():
+                S, parts = sc.score(prep, k, b, per_layer=True)
+                for n, P in parts.items():
+                    layer_abs[n] += P.abs().sum(0)
+                if full is not None:
+                    full[b.ids] += S
+                else:
+                    topk.add(S, b.ids, q_ids if self_mode else None)
+                for i, v in zip(b.ids.tolist(), sc.self_score(k, b).tolist()):
+                    self_s[i] = self_s.get(i, 0.0) + v
+        if full is not None:
+            full = full[torch.tensor(train_ids)]
+            topk.add(full, torch.tensor(train_ids), q_ids if self_mode else None)
+            write_safetensors({"scores": full.float(), "train": torch.tensor(train_ids), "query": q_ids},
+                              run / "scores" / f"{method}.safetensors",
+                              metadata={"method": method, "rows": "train examples", "cols": "queries",
+                                        "sign": "positive = the training example helps the query"})
+        tops.append(_top_rows(method, topk, q_ids, n_train, self_mode))
+        selfs.append(pd.DataFrame({"method": method, "example": list(self_s), "self_influence": list(self_s.values())})
+                     .sort_values("example", kind="stable"))
+        tot = sum(layer_abs.values())
+        for n, v in layer_abs.items():
+            shares.append(pd.DataFrame({"method": method, "query": q_ids.numpy(), "layer": n,
+                                        "abs_share": (v / torch.where(tot > 0, tot, torch.ones_like(tot))).numpy()}))
+        inf = sc.info()
+        info[method] = {k: v for k, v in inf.items() if k != "layers"}
+        for k, lay in enumerate(inf.get("layers", [])):
+            for n, li in lay.items():
+                curv.append({"method": method, "checkpoint": k, "layer": n, **li})
+    top = pd.concat(tops, ignore_index=True)
+    write_parquet(top, out_dir / "top.parquet")
+    write_parquet(pd.concat(selfs, ignore_index=True), out_dir / "self.parquet")
+    write_parquet(pd.concat(shares, ignore_index=True), out_dir / "layers.parquet")
+    write_parquet(pd.DataFrame(curv, columns=["method", "checkpoint", "layer", "kind", "k_out", "k_in", "damping",
+                                              "mean_eigenvalue", "max_eigenvalue"]), out_dir / "curvature.parquet")
+    atomic_write_text(out_dir / "methods.json", json.dumps(info, indent=1, default=float))
+    if st.source.kind == "lm" and cfg.per_token > 0:
+        write_parquet(_per_token(st, ckpts, queries, top, self_mode), out_dir / "tokens.parquet")
+    return {"attribution": {"n_train": n_train, "n_query": M, "train_x_train": self_mode,
+                            "methods": list(cfg.methods), "dense_scores": dense,
+                            "features_from": str(st.features_from) if st.features_from else None}}
+
+
+def _shapes(run: Path, layers: list[str]) -> dict[str, tuple[int, int]]:
+    f = next(iter(sorted((run / "features").glob("*.safetensors"))), None)
+    if f is None:
+        raise ValueError(f"{run}: no feature shards")
+    t = load_file(str(f))
+    return {n: tuple(t[n].shape[1:]) for n in layers}
+
+
+def _top_rows(method: str, topk: _TopK, q_ids: torch.Tensor, n_train: int, self_mode: bool) -> pd.DataFrame:
+    rows = []
+    for side, V, I in (("proponent", topk.hi_v, topk.hi_i), ("opponent", topk.lo_v, topk.lo_i)):
+        for r in range(V.shape[0]):
+            for j, q in enumerate(q_ids.tolist()):
+                v = float(V[r, j])
+                if not np.isfinite(v):
+                    continue
+                rows.append({"method": method, "query": q, "side": side, "rank": r + 1, "train": int(I[r, j]),
+                             "score": v, "score_per_n": v / max(n_train, 1)})
+    return pd.DataFrame(rows, columns=["method", "query", "side", "rank", "train", "score", "score_per_n"])
+
+
+def _per_token(st: AttrState, ckpts, queries, top: pd.DataFrame, self_mode: bool) -> pd.DataFrame:
+    """Scores of each token position of the top proponents (first non-TRAK method, final checkpoint)."""
+    from ...runs.registry import Unit
+    from ...inputs.examples import example_step
+
+    cols = ["method", "query", "rank", "train", "position", "token", "is_target", "score"]
+    method = next((m for m in st.cfg.methods if m != "trak"), None)
+    if method is None:
+        return pd.DataFrame(columns=cols)
+    sc = Scorer(method, damping=st.cfg.damping, damping_mode=st.cfg.damping_mode).fit(ckpts[-1:])
+    prep = sc.prepare(queries[-1:])[0]
+    K = len(ckpts) - 1
+    load_checkpoint(st, K)
+    train_units = st.train_payloads
+    rows = []
+    q_pos = {int(q): j for j, q in enumerate(queries[-1].ids.tolist())}
+    sel = top[(top["method"] == method) & (top["side"] == "proponent") & (top["rank"] <= st.cfg.per_token)]
+    tok = st.source.tokenizer
+    for r in sel.itertuples():
+        payload = train_units.get(int(r.train))
+        if payload is None:
+            continue
+        step = example_step(st.source, [Unit(0, payload)], st.modules, st.losses)
+        enc = payload[1]
+        score = None
+        for n, g in step.grads.items():
+            tf = st.featurizer.token_features(n, g)[0].double()  # (T, k_out, k_in)
+            part = (tf.reshape(tf.shape[0], -1) @ prep[n][q_pos[int(r.query)]].reshape(-1))  # (T,)
+            score = part if score is None else score + part
+        ids = enc.input_ids
+        names = tok.convert_ids_to_tokens(ids) if tok is not None else [str(i) for i in ids]
+        for t in range(len(ids)):
+            rows.append({"method": method, "query": int(r.query), "rank": int(r.rank), "train": int(r.train),
+                         "position": t, "token": str(names[t]), "is_target": bool(enc.target_mask[t]),
+                         "score": float(score[t]) * sc.weights[0]})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def merge(run: Path) -> pd.DataFrame:
+    """RUN/examples.parquet from its shards."""
+    return merge_shards(run, "examples")
