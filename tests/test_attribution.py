@@ -261,3 +261,38 @@ def test_score_matrix_streams_blocks_like_one_block():
         S1, _ = score_matrix(m, [one], [q], out="loss")
         S2, _ = score_matrix(m, [many], [q], out="loss")
         np.testing.assert_allclose(S1, S2, rtol=1e-9, atol=1e-12)
+
+
+def test_adam_preconditioned_features_equal_less_formula():
+    """LESS's training feature beta1 m D + (1 - beta1) g D (D = 1/sqrt(beta2 v + eps)) from the factors, exact
+    when D is rank-1 (as constructed here), with the momentum offset projected like the gradients."""
+    from gradsight.attribution import AdamPreconditioner
+
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    X, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    layers = {"0": model[0], "2": model[2]}
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    state, D = {}, {}
+    for n, m in layers.items():
+        r, c = torch.rand(m.out_features) + 0.5, torch.rand(m.in_features + 1) + 0.5
+        Dn = torch.outer(r, c)  # rank-1
+        v = (1 / Dn**2 - eps) / b2
+        mom = torch.randn_like(Dn)
+        state[f"{n}.weight"] = {"exp_avg": mom[:, :-1], "exp_avg_sq": v[:, :-1]}
+        state[f"{n}.bias"] = {"exp_avg": mom[:, -1], "exp_avg_sq": v[:, -1]}
+        D[n] = (Dn, mom)
+    pre = AdamPreconditioner.from_state(layers, state, beta1=b1, beta2=b2, eps=eps)
+    ref = per_example_grads(model, list(layers), lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
+                            (X, y))
+    for spec in (FeatureSpec(r_in=None, r_out=None), FeatureSpec(r_in=2, r_out=3, seed=2)):
+        block = featurize(model, "cross_entropy", [(X, y)], layers=layers, spec=spec, dtype=torch.float64,
+                          pre=pre, covariance=False)[0]
+        fz = Featurizer(spec, {"0": True, "2": True}, torch.float64)
+        for n in layers:
+            Dn, mom = D[n]
+            u = b1 * mom * Dn + (1 - b1) * ref[n] * Dn  # (B, d_out, d_in + 1)
+            P_in, P_out = fz.matrix(n, "in", u.shape[2]), fz.matrix(n, "out", u.shape[1])
+            u = u if P_out is None else P_out @ u
+            u = u if P_in is None else u @ P_in.T
+            torch.testing.assert_close(block.feats[n], u, rtol=1e-10, atol=1e-12)

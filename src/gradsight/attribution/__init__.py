@@ -10,10 +10,10 @@
 The run-directory analysis is `gradsight.analyses.attribution` (`gradsight attribute`).
 """
 
-from .api import attribute, featurize
+from .api import attribute, featurize, load_adam_state, save_adam_state
 from .curvature import KINDS, CurvatureFit, KroneckerOperator, LayerCurvature
-from .features import FeatureSpec, Featurizer, LayerCovariance
+from .features import AdamPreconditioner, FeatureSpec, Featurizer, LayerCovariance
 from .methods import METHODS, Block, Checkpoint, Scorer, score_matrix
 
-__all__ = ["attribute", "featurize", "KINDS", "CurvatureFit", "KroneckerOperator", "LayerCurvature", "FeatureSpec",
+__all__ = ["attribute", "featurize", "save_adam_state", "load_adam_state", "AdamPreconditioner", "KINDS", "CurvatureFit", "KroneckerOperator", "LayerCurvature", "FeatureSpec",
            "Featurizer", "LayerCovariance", "METHODS", "Block", "Checkpoint", "Scorer", "score_matrix"]

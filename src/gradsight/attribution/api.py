@@ -24,7 +24,41 @@ from ..measures.step import backward_step
 from .features import FeatureSpec, Featurizer, LayerCovariance
 from .methods import Block, Checkpoint, Scorer
 
-__all__ = ["featurize", "attribute", "as_batches", "linear_layers"]
+__all__ = ["featurize", "attribute", "as_batches", "linear_layers", "save_adam_state", "load_adam_state"]
+
+
+def save_adam_state(model: nn.Module, optimizer, path) -> None:
+    """Write an Adam / AdamW optimizer's moments as safetensors ("<param>.exp_avg", "<param>.exp_avg_sq", plus
+    betas and eps in the metadata): what `gradsight attribute --adam-state` reads for LESS."""
+    from ..runs.store import write_safetensors
+
+    names = {p: n for n, p in model.named_parameters()}
+    t = {}
+    for p, st in optimizer.state.items():
+        if p in names and "exp_avg_sq" in st:
+            t[f"{names[p]}.exp_avg"] = st["exp_avg"]
+            t[f"{names[p]}.exp_avg_sq"] = st["exp_avg_sq"]
+    if not t:
+        raise ValueError("the optimizer holds no Adam moments (has it taken a step?)")
+    g = optimizer.param_groups[0]
+    b1, b2 = g.get("betas", (0.9, 0.999))
+    write_safetensors(t, path, metadata={"beta1": str(b1), "beta2": str(b2), "eps": str(g.get("eps", 1e-8))})
+
+
+def load_adam_state(path, layers: dict, bias: bool = True):
+    """An `AdamPreconditioner` from a file written by `save_adam_state` (safetensors: nothing is unpickled)."""
+    from safetensors import safe_open
+
+    from .features import AdamPreconditioner
+
+    state: dict = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        for k in f.keys():
+            name, _, moment = k.rpartition(".")
+            state.setdefault(name, {})[moment] = f.get_tensor(k)
+    return AdamPreconditioner.from_state(layers, state, bias=bias, beta1=float(meta.get("beta1", 0.9)),
+                                         beta2=float(meta.get("beta2", 0.999)), eps=float(meta.get("eps", 1e-8)))
 
 
 def linear_layers(model: nn.Module, pattern: str | None = None) -> dict[str, nn.Module]:
@@ -104,7 +138,7 @@ def fisher_losses(mode: str, loss, forward, generator: torch.Generator) -> list:
 
 def featurize(model: nn.Module, loss, batches: Sequence, *, layers: dict[str, nn.Module] | None = None,
               spec: FeatureSpec | None = None, dtype: torch.dtype = torch.float32, covariance: bool = True,
-              forward=None, fisher: str = "empirical", seed: int = 0) -> tuple:
+              forward=None, fisher: str = "empirical", seed: int = 0, pre=None) -> tuple:
     """Features of every row of `batches` (ids 0..N-1 in order), the curvature statistics and shapes.
 
     Each row's gradient is the gradient of ITS OWN loss (`loss` on its one-row slice), captured in one batched
@@ -141,7 +175,7 @@ def featurize(model: nn.Module, loss, batches: Sequence, *, layers: dict[str, nn
             if step.bad:
                 rows = {offset + p: r for p, r in step.bad.items()}
                 raise ValueError(f"non-finite loss or gradient at row(s) {dict(list(rows.items())[:5])}")
-            f, c = fz(step.grads, covariance=covariance and pseudo is None)
+            f, c = fz(step.grads, covariance=covariance and pseudo is None, pre=pre)
             for n, X in f.items():
                 feats[n].append(X.detach().cpu())
             add(c)
@@ -170,7 +204,7 @@ def attribute(model: nn.Module, loss, train, queries, *, method: str = "ekfac",
               checkpoints: Sequence[tuple[dict, float]] | None = None, spec: FeatureSpec | None = None,
               layers: str | None = None, damping: float | None = None, damping_mode: str = "relative",
               trak_dim: int = 2048, out: str | None = None, batch_size: int = 256, dtype: torch.dtype = torch.float32,
-              forward=None, fisher: str = "empirical", seed: int = 0) -> tuple[np.ndarray, dict]:
+              forward=None, fisher: str = "empirical", seed: int = 0, adam=None) -> tuple[np.ndarray, dict]:
     """Scores (N_train, N_query) of one method, in memory, and the method's info (damping used, conventions).
 
     Args:
@@ -185,19 +219,25 @@ def attribute(model: nn.Module, loss, train, queries, *, method: str = "ekfac",
         out: TRAK's output: "margin" for cross-entropy (default) or "loss".
         fisher: the curvature's gradients for raw / kfac / ekfac: "empirical" (true labels), "sampled" (labels
             from the model, kronfluence's default) or "ggn" (exact generalized Gauss-Newton, C backwards).
+        adam: an `AdamPreconditioner` (or a list, one per checkpoint): LESS's Adam-preconditioned TRAINING
+            features (queries keep plain gradients); for the first-order methods (grad_dot, grad_cos, tracin).
     """
+    if adam is not None and method not in ("grad_dot", "grad_cos", "tracin"):
+        raise ValueError(f"Adam preconditioning (LESS) is for grad_dot, grad_cos and tracin, not {method!r}")
     tb, qb = as_batches(train, batch_size), as_batches(queries, batch_size)
     mods = linear_layers(model, layers)
     out = out or ("margin" if loss == "cross_entropy" else "loss")
     ckpts, qs = [], []
     saved = copy.deepcopy(model.state_dict()) if checkpoints else None
     try:
-        for state, lr in (checkpoints or [(None, 1.0)]):
+        for k, (state, lr) in enumerate(checkpoints or [(None, 1.0)]):
+            pre = adam[k] if isinstance(adam, (list, tuple)) else adam
             if state is not None:
                 model.load_state_dict(state)
             curv = method in ("raw", "kfac", "ekfac")
             tr, covs, shapes, fb = featurize(model, loss, tb, layers=mods, spec=spec, dtype=dtype, forward=forward,
-                                             fisher=fisher if curv else "empirical", seed=seed, covariance=curv)
+                                             fisher=fisher if curv else "empirical", seed=seed, covariance=curv,
+                                             pre=pre)
             q = featurize(model, loss, qb, layers=mods, spec=spec, dtype=dtype, covariance=False,
                           forward=forward)[0]
             ckpts.append(Checkpoint(lambda tr=tr: [tr], covs, shapes, lr=float(lr),

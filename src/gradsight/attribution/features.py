@@ -42,7 +42,7 @@ import torch
 
 from ..capture.grads import DenseGrad, FactoredGrad
 
-__all__ = ["FeatureSpec", "Featurizer", "LayerCovariance", "augment"]
+__all__ = ["FeatureSpec", "Featurizer", "LayerCovariance", "augment", "AdamPreconditioner"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,69 @@ def augment(A: torch.Tensor, tokens: torch.Tensor, bias: bool) -> torch.Tensor:
     return torch.cat([A, m], dim=-1) if bias else A
 
 
+@dataclass
+class AdamPreconditioner:
+    """LESS's Adam-preconditioned training gradients (Xia et al. 2024), in factored form.
+
+    LESS (princeton-nlp/LESS, `obtain_gradients_with_adam`) replaces a training example's gradient g by the
+    Adam update it would cause from the checkpoint's optimizer state (m, v), with no bias correction:
+
+        u = (beta1 m + (1 - beta1) g) / sqrt(beta2 v + (1 - beta2) g^2 + eps)
+
+    Here, per layer, with D = 1 / sqrt(beta2 v + eps) (the example's own g^2 term left out: with beta2 = 0.999
+    it is 1000x smaller than v unless g dwarfs the running average):
+
+        u ~ beta1 m * D  +  (1 - beta1) (D * g),        D * g ~ diag(r) g diag(c)
+
+    with D approximated by its rank-1 factorisation r c^T (r = row sums of D, c = column sums / total; exact when
+    D is rank-1, Adafactor's assumption). So G_e -> (1 - beta1) G_e diag(r) and A_e -> A_e diag(c) stay factored,
+    and the constant beta1 m * D (the same for every example) is projected once and added to every feature.
+    Queries keep plain gradients (LESS's validation gradients are SGD gradients).
+
+    Attributes:
+        factors: {layer: (r (d_out,), c (d_in [+1],))}.
+        offset: {layer: (d_out, d_in [+1]) beta1 m * D}.
+        scale: 1 - beta1.
+    """
+
+    factors: dict
+    offset: dict
+    scale: float = 0.1
+
+    @classmethod
+    def from_state(cls, layers: Mapping, state: Mapping, bias: bool = True, beta1: float = 0.9,
+                   beta2: float = 0.999, eps: float = 1e-8) -> "AdamPreconditioner":
+        """From per-parameter Adam moments ``{param name: {"exp_avg": m, "exp_avg_sq": v}}`` of the layers'
+        weights (and biases); ``layers`` = {layer name: module} (names as in `model.named_modules()`)."""
+        factors, offset = {}, {}
+        for name, mod in layers.items():
+            prefix = f"{name}." if name else ""
+            w = state.get(f"{prefix}weight")
+            if w is None:
+                raise ValueError(f"Adam state: no moments for {prefix}weight (have e.g. {list(state)[:3]})")
+            transposed = type(mod).__name__ == "Conv1D"
+            m, v = (w["exp_avg"].double(), w["exp_avg_sq"].double())
+            if transposed:
+                m, v = m.T, v.T
+            b = state.get(f"{prefix}bias") if bias and getattr(mod, "bias", None) is not None else None
+            if b is not None:
+                m = torch.cat([m, b["exp_avg"].double().reshape(-1, 1)], 1)
+                v = torch.cat([v, b["exp_avg_sq"].double().reshape(-1, 1)], 1)
+            D = 1.0 / torch.sqrt(beta2 * v + eps)  # (d_out, d_in~)
+            factors[name] = (D.sum(1), D.sum(0) / D.sum())
+            offset[name] = beta1 * m * D
+        return cls(factors, offset, 1.0 - beta1)
+
+    @classmethod
+    def from_optimizer(cls, model, optimizer, layers: Mapping, bias: bool = True) -> "AdamPreconditioner":
+        """From a torch Adam / AdamW optimizer of `model` (its betas and eps)."""
+        names = {p: n for n, p in model.named_parameters()}
+        state = {names[p]: s for p, s in optimizer.state.items() if p in names and "exp_avg_sq" in s}
+        g = optimizer.param_groups[0]
+        b1, b2 = g.get("betas", (0.9, 0.999))
+        return cls.from_state(layers, state, bias=bias, beta1=b1, beta2=b2, eps=g.get("eps", 1e-8))
+
+
 def _seed(base: int, name: str, side: str) -> int:
     return (base * 1_000_003 + zlib.crc32(f"attr|{name}|{side}".encode())) % (2**63 - 1)
 
@@ -145,26 +208,42 @@ class Featurizer:
         P_in, P_out = self.matrix(name, "in", d_in), self.matrix(name, "out", d_out)
         return (d_out if P_out is None else P_out.shape[0]), (d_in if P_in is None else P_in.shape[0])
 
-    def _sides(self, name: str, g: FactoredGrad) -> tuple[torch.Tensor, torch.Tensor]:
-        """The projected factors (B, T, k_in) and (B, T, k_out), zero at padding."""
+    def _sides(self, name: str, g: FactoredGrad, pre: AdamPreconditioner | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projected factors (B, T, k_in) and (B, T, k_out), zero at padding (Adam-preconditioned with
+        `pre`: G diag(r) (1 - beta1) and A diag(c))."""
         A = augment(g.A.to(self.dtype), g.tokens, self.has_bias(name))  # (B, T, d_in~)
         G = g.masked(g.G).to(self.dtype)  # (B, T, d_out)
+        if pre is not None:
+            r, c = pre.factors[name]
+            G = G * (pre.scale * r).to(self.dtype)
+            A = A * c.to(self.dtype)
         P_in = self.matrix(name, "in", A.shape[-1], A.device)
         P_out = self.matrix(name, "out", G.shape[-1], G.device)
         AP = A if P_in is None else A @ P_in.T  # (B, T, k_in)
         GP = G if P_out is None else G @ P_out.T  # (B, T, k_out)
         return AP, GP
 
-    def layer(self, name: str, g: FactoredGrad | DenseGrad, covariance: bool = False
-              ) -> tuple[torch.Tensor, LayerCovariance | None]:
-        """(B, k_out, k_in) features of one layer and, with `covariance`, its covariance sums."""
+    def layer(self, name: str, g: FactoredGrad | DenseGrad, covariance: bool = False,
+              pre: AdamPreconditioner | None = None) -> tuple[torch.Tensor, LayerCovariance | None]:
+        """(B, k_out, k_in) features of one layer and, with `covariance`, its covariance sums (`pre`: LESS's
+        Adam preconditioning, see `AdamPreconditioner`; covariances are then of the preconditioned factors)."""
         if isinstance(g, DenseGrad):
             flat = g.g.reshape(g.g.shape[0], -1).to(self.dtype)  # (B, d)
             P = self.matrix(name, "dense", flat.shape[1], flat.device)
             phi = flat if P is None else flat @ P.T
             return phi.unsqueeze(1), None
-        AP, GP = self._sides(name, g)
+        if pre is not None and isinstance(g, DenseGrad):
+            raise ValueError(f"layer {name}: Adam preconditioning needs a Linear-like layer")
+        AP, GP = self._sides(name, g, pre)
         phi = GP.transpose(-1, -2) @ AP  # (B, k_out, k_in)
+        if pre is not None:  # the example-independent momentum part, projected once
+            C0 = pre.offset[name].to(self.dtype).to(phi.device)  # (d_out, d_in~)
+            P_in = self.matrix(name, "in", C0.shape[1], phi.device)
+            P_out = self.matrix(name, "out", C0.shape[0], phi.device)
+            C0 = C0 if P_out is None else P_out @ C0
+            C0 = C0 if P_in is None else C0 @ P_in.T
+            phi = phi + C0
         cov = None
         if covariance:
             a = AP.reshape(-1, AP.shape[-1]).double()  # (B*T, k_in); padded rows are zero
@@ -172,12 +251,12 @@ class Featurizer:
             cov = LayerCovariance(a.T @ a, s.T @ s, int(g.tokens.sum()), int(g.A.shape[0]))
         return phi, cov
 
-    def __call__(self, grads: Mapping[str, FactoredGrad | DenseGrad], covariance: bool = False
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, LayerCovariance]]:
+    def __call__(self, grads: Mapping[str, FactoredGrad | DenseGrad], covariance: bool = False,
+                 pre: AdamPreconditioner | None = None) -> tuple[dict[str, torch.Tensor], dict[str, LayerCovariance]]:
         """({layer: (B, k_out, k_in)}, {layer: LayerCovariance}) of a captured step's gradients."""
         feats, covs = {}, {}
         for name, g in grads.items():
-            phi, cov = self.layer(name, g, covariance)
+            phi, cov = self.layer(name, g, covariance, pre)
             feats[name] = phi
             if cov is not None:
                 covs[name] = cov

@@ -27,8 +27,8 @@ training features (the whole-model feature, below),
 For other losses (`out="loss"`, e.g. a language model's sequence NLL) phi = x and Q = 1.
 The whole-model feature concatenates the layers' features when their total size is at most `trak_dim`
 (exact: P = I) and otherwise sums per-layer seeded projections to `trak_dim` (Gaussian N(0, 1/k) while the
-matrices fit in 2^26 entries, else a CountSketch). lambda defaults to 0 with a pseudo-inverse (eigenvalues below 1e-6 x the largest dropped; TRAK's own
-default); with N < k a positive damping is advised (TRAK issue #24).
+matrices fit in 2^26 entries, else a CountSketch). lambda defaults to 0.01 x the mean eigenvalue of Phi'Phi (TRAK's own default is 0, which is singular when
+N < k, TRAK issue #24); with damping 0 a pseudo-inverse drops eigenvalues below 1e-6 x the largest.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ class Scorer:
     Args:
         method: one of METHODS.
         damping: relative (default) or absolute lambda (see `attribution.curvature`); None: the method's default
-            (0.1 relative for raw / kfac / ekfac, 0 for trak).
+            (0.1 relative for raw / kfac / ekfac, 0.01 relative for trak).
         damping_mode: "relative" or "absolute".
         trak_dim: size of TRAK's whole-model feature.
         out: "margin" (cross-entropy classifiers; TRAK's margin and Q = 1 - p) or "loss" (phi = x, Q = 1).

@@ -56,13 +56,15 @@ def run_attribution(cfg: AttributionConfig, out, *, model=None, tokenizer=None, 
                   report=report, log=log)
 
 
-def attribution_of(model, loss, batches, out, *, queries=None, query_groups=None, checkpoints=None, groups=None,
-                   forward=None, name=None, progress: bool = False, report: bool = False, log=print, **options):
+def attribution_of(model, loss, batches, out, *, queries=None, query_groups=None, checkpoints=None, adam=None,
+                   groups=None, forward=None, name=None, progress: bool = False, report: bool = False, log=print,
+                   **options):
     """Attribution for any nn.Module: rows of `batches` are the training examples, rows of `queries` (a list
     of batches; default: the training rows themselves) the queries; `checkpoints`: earlier state dicts (the
-    model is the last), with `lrs=` one learning rate each plus the model's."""
+    model is the last), with `lrs=` one learning rate each plus the model's; `adam`: one
+    `gradsight.attribution.AdamPreconditioner` per checkpoint (LESS's preconditioned training features)."""
     from ...runs.api import run_module
 
-    extras = {"queries": queries, "query_groups": query_groups, "checkpoints": checkpoints}
+    extras = {"queries": queries, "query_groups": query_groups, "checkpoints": checkpoints, "adam": adam}
     return run_module("attribute", model, loss, batches, out, groups=groups, forward=forward, name_in_report=name,
                       progress=progress, report=report, log=log, extras=extras, **options)

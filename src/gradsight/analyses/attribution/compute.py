@@ -68,6 +68,7 @@ class AttrState:
     fdtype: torch.dtype = torch.float32
     features_from: Path | None = None
     train_payloads: dict = field(default_factory=dict)  # example index -> the unit payload (per-token pass)
+    adam: dict = field(default_factory=dict)  # checkpoint -> AdamPreconditioner or None (LESS)
 
 
 def _load_queries(cfg, source: Source):
@@ -123,9 +124,18 @@ def setup(cfg, source: Source, info) -> Plan:
         query = example_units(q)
     specs, lrs = _checkpoints(cfg, source)
     N, M, K = len(train), len(query), len(specs)
+    adam = source.extras.get("adam") if source.kind == "module" else None
+    if adam:
+        if len(adam) != K:
+            raise ValueError(f"adam: {len(adam)} preconditioners for {K} checkpoints (the model is the last)")
+        other = [m for m in cfg.methods if m not in ("grad_dot", "grad_cos", "tracin")]
+        if other:
+            raise ValueError(f"adam (LESS) preconditions first-order features; methods {other} need plain gradients")
     st = AttrState(source, cfg, layers, losses, fz, N, M, K, qsrc, qrecs, qbad, specs, lrs,
                    fdtype={"float16": torch.float16, "float64": torch.float64}.get(cfg.feature_dtype, torch.float32),
                    features_from=Path(cfg.features_from) if cfg.features_from else None)
+    if st.features_from is not None:
+        check_features_from(cfg, source, st)
     st.train_payloads = {i: u.payload for i, u in enumerate(train) if u.ready}
     units = []
     for k in range(K):
@@ -180,6 +190,21 @@ def load_checkpoint(st: AttrState, k: int) -> None:
     st.current = k
 
 
+def adam_for(st: AttrState, k: int):
+    """Checkpoint k's Adam preconditioner (LESS), or None: from --adam-state files (LM) or the module's
+    in-memory `adam=[AdamPreconditioner per checkpoint]`."""
+    if k not in st.adam:
+        src = st.cfg.adam_state[k] if st.cfg.adam_state else None
+        if src is None and st.source.kind == "module" and st.source.extras.get("adam"):
+            src = st.source.extras["adam"][k]
+        if isinstance(src, str):
+            from ...attribution.api import load_adam_state
+
+            src = load_adam_state(src, st.modules, bias=st.featurizer.spec.bias)
+        st.adam[k] = src
+    return st.adam[k]
+
+
 def restore(st: AttrState) -> None:
     if st.final_state is not None and st.current != st.n_ckpt - 1:
         st.source.model.load_state_dict(st.final_state)
@@ -214,7 +239,7 @@ def compute(plan: Plan, units: list[Unit]) -> dict[str, Any]:
     src = st.source if s == TRAIN else st.query_source
     inner = [Unit(u.key, u.payload["inner"]) for u in units]
     step = example_step(src, inner, st.modules, st.losses, ids=[u.key for u in units])
-    feats, covs = st.featurizer(step.grads, covariance=(s == TRAIN))
+    feats, covs = st.featurizer(step.grads, covariance=(s == TRAIN), pre=adam_for(st, k) if s == TRAIN else None)
     pos = [p for p, u in enumerate(units) if u.key not in plan.done]
     if not pos:
         return {}
@@ -224,12 +249,14 @@ def compute(plan: Plan, units: list[Unit]) -> dict[str, Any]:
                             ids=[units[p].key for p in pos])}
     if covs:
         # flagged examples were zeroed: they add nothing but still count as examples; remove them
-        n_bad = len(step.bad)
+        # flagged examples were zeroed (they add nothing to the sums): take them out of the counts too
+        bad = sorted(step.bad)
         t = {"checkpoint": torch.tensor([k], dtype=torch.int64)}
         for n, c in covs.items():
+            bad_tok = int(step.grads[n].tokens[bad].sum()) if bad else 0
             t[f"A/{n}"] = c.A.unsqueeze(0)
             t[f"S/{n}"] = c.S.unsqueeze(0)
-            t[f"n/{n}"] = torch.tensor([[c.n_tokens, c.n_examples - n_bad]], dtype=torch.int64)
+            t[f"n/{n}"] = torch.tensor([[c.n_tokens - bad_tok, c.n_examples - len(bad)]], dtype=torch.int64)
         out["covariance"] = Tensors(t)
     rows = []
     for p in pos:
@@ -238,6 +265,50 @@ def compute(plan: Plan, units: list[Unit]) -> dict[str, Any]:
                          float("nan") if bad else float(sq[p])))
     out["examples"] = pd.DataFrame(rows)
     return out
+
+
+# what the training features depend on: these must agree between a run and the run it takes them from
+FEATURE_KEYS = (("run", "dtype"), ("run", "seed"), ("layers", "kinds"), ("layers", "blocks"), ("layers", "pattern"),
+                ("layers", "exclude"), ("encode", "max_length"), ("encode", "loss_on"), ("encode", "truncation"),
+                ("encode", "chat"), ("encode", "system_prompt"), ("encode", "append_eos"), ("reduction",),
+                ("r_in",), ("r_out",), ("r_dense",), ("checkpoints",), ("lrs",))
+
+
+def check_features_from(cfg, source: Source, st: AttrState) -> None:
+    """Refuse to score against another run's training features unless they are exactly what this run would
+    compute: same model weights, training data, tokenizer, checkpoints, layer selection, encoding, loss and
+    feature options (the message names every difference)."""
+    import json
+
+    from ...config import semantic_dict
+    from ...runs.store import RunMismatchError, read_manifest
+
+    path = st.features_from
+    if not (path / "manifest.json").exists():
+        raise FileNotFoundError(f"--features-from {path}: not a run directory (no manifest.json)")
+    other = read_manifest(path)
+    if other.get("analysis") != "attribute":
+        raise RunMismatchError(f"--features-from {path}: a {other.get('analysis')!r} run, not an attribution run")
+    if not other.get("finished"):
+        raise RunMismatchError(f"--features-from {path}: the run is not finished; finish it first")
+    if st.n_query == 0:
+        raise ValueError("--features-from scores new queries against stored training features: give --queries")
+    theirs = other.get("identity", {})
+    mine = json.loads(json.dumps({"config": semantic_dict(cfg), **source.identity,
+                                  **identity(cfg, source, Plan([], st))}, default=str))
+    diffs = []
+    for key in ("model_fingerprint", "data_sha256", "tokenizer", "checkpoints_sha256", "loss"):
+        if theirs.get(key, "") != mine.get(key, ""):
+            diffs.append(f"{key}: {theirs.get(key, '')!r} there, {mine.get(key, '')!r} here")
+    for path_ in FEATURE_KEYS:
+        a, b = theirs.get("config", {}), mine["config"]
+        for k in path_:
+            a, b = (a or {}).get(k), (b or {}).get(k)
+        if a != b:
+            diffs.append(f"{'.'.join(path_)}: {a!r} there, {b!r} here")
+    if diffs:
+        raise RunMismatchError(f"--features-from {path}: its training features were computed differently; "
+                               "refusing to score against them:\n  " + "\n  ".join(diffs))
 
 
 def identity(cfg, source: Source, plan: Plan) -> dict:
@@ -254,4 +325,10 @@ def identity(cfg, source: Source, plan: Plan) -> dict:
         out["queries_sha256"] = data_hash(st.query_source.batches) if st.query_source is not None else ""
         ck = [s for s in st.ckpt_specs if s is not None]
         out["checkpoints_sha256"] = state_fingerprint(ck) if ck else ""
+        adam = source.extras.get("adam")
+        if adam:
+            out["adam_sha256"] = state_fingerprint([{**{f"o/{n}": v for n, v in a.offset.items()},
+                                                     **{f"r/{n}": v[0] for n, v in a.factors.items()},
+                                                     **{f"c/{n}": v[1] for n, v in a.factors.items()}}
+                                                    for a in adam])
     return out

@@ -36,13 +36,16 @@ class AttributionConfig:
     r_dense: int = option(256, "projection of non-Linear layers' flattened gradients")
     feature_dtype: str = option("float32", "stored feature dtype", choices=("float32", "float16", "float64"))
     damping: float | None = option(None, "damping (relative to each layer's mean eigenvalue unless "
-                                         "--damping-mode absolute); default 0.1 for raw/kfac/ekfac, 0 for trak")
+                                         "--damping-mode absolute); default 0.1 for raw/kfac/ekfac, 0.01 for trak")
     damping_mode: str = option("relative", "damping: relative (x mean eigenvalue per layer) or absolute",
                                choices=("relative", "absolute"))
     trak_dim: int = option(2048, "TRAK's whole-model feature size")
     checkpoints: tuple[str, ...] = option((), "earlier checkpoints (model specs) for TracIn / TRAK ensembles; "
                                               "the model itself is the last")
     lrs: tuple[float, ...] = option((), "learning rate at each checkpoint, the model's last (TracIn weights)")
+    adam_state: tuple[str, ...] = option((), "LESS: Adam moments per checkpoint (safetensors from "
+                                             "gradsight.attribution.save_adam_state; the model's last): the training "
+                                             "features become Adam-preconditioned (grad_dot, grad_cos, tracin only)")
     top_k: int = option(10, "proponents and opponents kept per query and method", resume=False)
     per_token: int = option(3, "per-token breakdown over the tokens of each query's top-N proponents (LM; 0: "
                                 "off)", resume=False)
@@ -60,6 +63,14 @@ class AttributionConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         check_choices(self)
+        if self.adam_state:
+            if len(self.adam_state) != len(self.checkpoints) + 1:
+                raise ValueError(f"--adam-state needs one file per checkpoint plus the model's: "
+                                 f"{len(self.checkpoints) + 1}, got {len(self.adam_state)}")
+            other = [m for m in self.methods if m not in ("grad_dot", "grad_cos", "tracin")]
+            if other:
+                raise ValueError(f"--adam-state (LESS) preconditions first-order features; methods {other} need "
+                                 "plain gradients (run them without --adam-state)")
         if self.lrs and len(self.lrs) != len(self.checkpoints) + 1:
             raise ValueError(f"--lrs needs one learning rate per checkpoint plus the model's: "
                              f"{len(self.checkpoints) + 1}, got {len(self.lrs)}")

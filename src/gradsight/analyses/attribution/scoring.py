@@ -43,9 +43,10 @@ def read_examples(run: Path) -> pd.DataFrame:
 
 
 def feature_blocks(run: Path, keys: dict[int, int], losses: dict[int, float], layers: list[str],
-                   block_size: int) -> Iterator[Block]:
+                   block_size: int, dropped: set | None = None) -> Iterator[Block]:
     """Blocks of features of the units `keys` ({unit key: example index}) read shard by shard, re-chunked to at
-    most `block_size` rows; ids are the example indices (not unit keys)."""
+    most `block_size` rows; ids are the example indices (not unit keys). Rows with a non-finite feature (a
+    float16 overflow, a corrupted shard) are left out and their example indices added to `dropped`."""
     buf: list[tuple[dict, list]] = []
     n_buf = 0
 
@@ -62,6 +63,15 @@ def feature_blocks(run: Path, keys: dict[int, int], losses: dict[int, float], la
         rows = [p for p, k in enumerate(idx) if k in keys]
         if not rows:
             continue
+        finite = torch.ones(len(idx), dtype=torch.bool)
+        for n in layers:
+            finite &= torch.isfinite(t[n].reshape(len(idx), -1)).all(1)
+        if not bool(finite[rows].all()):
+            if dropped is not None:
+                dropped.update(keys[idx[p]] for p in rows if not finite[p])
+            rows = [p for p in rows if finite[p]]
+            if not rows:
+                continue
         sel = torch.tensor(rows)
         for lo in range(0, len(rows), block_size):
             part = sel[lo:lo + block_size]
@@ -141,6 +151,8 @@ def _score_all(run: Path, st: AttrState) -> dict:
     out_dir = run / "attribution"
     out_dir.mkdir(exist_ok=True)
     ckpts, queries = [], []
+    dropped_train: set = set()
+    dropped_query: set = set()
     self_mode = st.n_query == 0
     for k in range(st.n_ckpt):
         tr = _sets(tex, k, TRAIN)
@@ -150,14 +162,18 @@ def _score_all(run: Path, st: AttrState) -> dict:
         tloss = dict(zip(tr["idx"].astype(int), tr["loss"].astype(float)))
         covs = covariances(train_run, k, layers)
         shapes = _shapes(train_run, layers)
-        ckpts.append(Checkpoint(lambda r=train_run, a=tkeys, b=tloss: feature_blocks(r, a, b, layers, cfg.block_size),
+        ckpts.append(Checkpoint(lambda r=train_run, a=tkeys, b=tloss: feature_blocks(r, a, b, layers, cfg.block_size,
+                                                                                  dropped_train),
                                 covs, shapes, lr=st.lrs[k], name=f"checkpoint {k}"))
         q = tr if self_mode else _sets(ex, k, QUERY)
         if q.empty:
             raise ValueError("no usable query example (every one was skipped): nothing to score")
         qkeys = dict(zip(q["idx"].astype(int), q["example"].astype(int)))
         qloss = dict(zip(q["idx"].astype(int), q["loss"].astype(float)))
-        b = next(iter(feature_blocks(train_run if self_mode else run, qkeys, qloss, layers, 10**9)))
+        b = next(iter(feature_blocks(train_run if self_mode else run, qkeys, qloss, layers, 10**9, dropped_query)),
+                 None)
+        if b is None:
+            raise ValueError("every query's features are non-finite: nothing to score")
         o = torch.argsort(b.ids)  # queries in example order, whatever the shard order (ranks)
         queries.append(Block({n: X[o] for n, X in b.feats.items()}, b.losses[o], b.ids[o]))
     n_train = len(_sets(tex, st.n_ckpt - 1, TRAIN))
@@ -217,7 +233,14 @@ def _score_all(run: Path, st: AttrState) -> dict:
     atomic_write_text(out_dir / "methods.json", json.dumps(info, indent=1, default=float))
     if st.source.kind == "lm" and cfg.per_token > 0:
         write_parquet(_per_token(st, ckpts, queries, top, self_mode), out_dir / "tokens.parquet")
+    if dropped_train or dropped_query:
+        import warnings
+
+        warnings.warn(f"attribution: left out {len(dropped_train)} training and {len(dropped_query)} query "
+                      "examples whose stored features are not finite (listed in the manifest)")
     return {"attribution": {"n_train": n_train, "n_query": M, "train_x_train": self_mode,
+                            "nonfinite_train": sorted(int(i) for i in dropped_train),
+                            "nonfinite_query": sorted(int(i) for i in dropped_query),
                             "methods": list(cfg.methods), "dense_scores": dense,
                             "features_from": str(st.features_from) if st.features_from else None}}
 

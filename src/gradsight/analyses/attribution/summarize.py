@@ -10,8 +10,10 @@
     RUN/curvature.parquet       per method, checkpoint and layer: curvature kind, damping used, eigenvalues
 
 Signs: every score is positive when training on the example HELPS the query (lowers its loss or raises its
-margin); `score_per_n` = score / N_train is, for influence methods, the first-order increase of the query's
-loss (nats) if that one example were removed from the N training examples.
+margin); `score_per_n` = score / N_train is, for influence methods (grad_dot, tracin, raw, kfac, ekfac), the
+first-order increase of the query's loss (nats) if that one example were removed from the N training examples;
+TRAK's score is already on that scale (its Phi'Phi is a sum over examples: score_per_n = score, the change of
+the query's margin); a cosine (grad_cos) has no such reading (NaN).
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ def summarize(run: Path | str, cfg=None, info=None) -> dict[str, pd.DataFrame]:
     top = pd.read_parquet(d / "top.parquet")
     cols = ["id", "group", "prompt", "response"]
     top = top.join(qex[cols].add_prefix("query_"), on="query").join(tex[cols].add_prefix("train_"), on="train")
+    # score / N is the removal effect for influence methods (curvature of the MEAN loss); TRAK's Phi'Phi is a
+    # SUM over the N examples, so its score is already on that scale; a cosine has no such reading
+    top.loc[top["method"] == "trak", "score_per_n"] = top.loc[top["method"] == "trak", "score"]
+    top.loc[top["method"] == "grad_cos", "score_per_n"] = np.nan
     top["same_group"] = top["query_group"].astype(str) == top["train_group"].astype(str)
     stats, shares = [], []
     for m in a.get("methods", []):
@@ -93,7 +99,10 @@ def summarize(run: Path | str, cfg=None, info=None) -> dict[str, pd.DataFrame]:
     si = si.join(tex[cols], on="example")
     si["z"] = np.nan
     for m, g in si.groupby("method"):
-        si.loc[g.index, "z"] = _robust_z(g["self_influence"].to_numpy(dtype=float))
+        x = g["self_influence"].to_numpy(dtype=float)
+        if np.ptp(x) <= 1e-6 * max(np.abs(x).max(), 1e-300):  # constant (grad_cos: 1 x sum eta): no outliers
+            continue
+        si.loc[g.index, "z"] = _robust_z(x)
     si["outlier"] = si["z"] > 3.5
     write_parquet(si, run / "self_influence.parquet")
     prec = []
@@ -102,7 +111,7 @@ def summarize(run: Path | str, cfg=None, info=None) -> dict[str, pd.DataFrame]:
         g = g[g["query_group"].astype(str).isin(groups_known)]
         if g.empty:
             continue
-        for k in K_PRECISION:
+        for k in [k for k in K_PRECISION if k <= int(g["rank"].max())]:  # beyond the kept ranks: not measured
             h = g[g["rank"] <= k].groupby("query")["same_group"].mean()
             prec.append({"method": m, "k": k, "precision": float(h.mean()), "n_queries": int(h.size)})
     precision = pd.DataFrame(prec, columns=["method", "k", "precision", "n_queries"])
