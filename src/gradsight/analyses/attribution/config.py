@@ -71,9 +71,6 @@ class AttributionConfig:
             if other:
                 raise ValueError(f"--adam-state (LESS) preconditions first-order features; methods {other} need "
                                  "plain gradients (run them without --adam-state)")
-        if self.lrs and len(self.lrs) != len(self.checkpoints) + 1:
-            raise ValueError(f"--lrs needs one learning rate per checkpoint plus the model's: "
-                             f"{len(self.checkpoints) + 1}, got {len(self.lrs)}")
 
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec(r_in=self.r_in or None, r_out=self.r_out or None, r_dense=self.r_dense, seed=self.seed)
