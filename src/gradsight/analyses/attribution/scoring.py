@@ -46,40 +46,51 @@ def feature_blocks(run: Path, keys: dict[int, int], losses: dict[int, float], la
                    block_size: int, dropped: set | None = None) -> Iterator[Block]:
     """Blocks of features of the units `keys` ({unit key: example index}) read shard by shard, re-chunked to at
     most `block_size` rows; ids are the example indices (not unit keys). Rows with a non-finite feature (a
-    float16 overflow, a corrupted shard) are left out and their example indices added to `dropped`."""
+    float16 overflow, a corrupted shard) are left out and their example indices added to `dropped`.
+
+    Memory: a shard is never loaded whole; rows are sliced from the file `block_size` at a time
+    (safetensors `get_slice`), so a pass holds about one block of features whatever the number of examples.
+    """
+    from safetensors import safe_open
+
     buf: list[tuple[dict, list]] = []
     n_buf = 0
 
     def emit():
-        feats = {n: torch.cat([b[0][n] for b in buf]) for n in layers}
+        feats = {n: (buf[0][0][n] if len(buf) == 1 else torch.cat([b[0][n] for b in buf])) for n in layers}
         ids = [i for b in buf for i in b[1]]
         return Block(feats, torch.tensor([losses[keys_of[i]] for i in ids], dtype=torch.float64),
                      torch.tensor(ids, dtype=torch.int64))
 
     keys_of = {v: k for k, v in keys.items()}
     for f in sorted((run / "features").glob("*.safetensors")):
-        t = load_file(str(f))
-        idx = t["__idx__"].tolist()
-        rows = [p for p, k in enumerate(idx) if k in keys]
-        if not rows:
-            continue
-        finite = torch.ones(len(idx), dtype=torch.bool)
-        for n in layers:
-            finite &= torch.isfinite(t[n].reshape(len(idx), -1)).all(1)
-        if not bool(finite[rows].all()):
-            if dropped is not None:
-                dropped.update(keys[idx[p]] for p in rows if not finite[p])
-            rows = [p for p in rows if finite[p]]
-            if not rows:
-                continue
-        sel = torch.tensor(rows)
-        for lo in range(0, len(rows), block_size):
-            part = sel[lo:lo + block_size]
-            buf.append(({n: t[n][part] for n in layers}, [keys[idx[p]] for p in part.tolist()]))
-            n_buf += len(part)
-            if n_buf >= block_size:
-                yield emit()
-                buf, n_buf = [], 0
+        with safe_open(str(f), framework="pt") as h:
+            idx = h.get_tensor("__idx__").tolist()
+            rows = [p for p, k in enumerate(idx) if k in keys]
+            lo = 0
+            while lo < len(rows):
+                part = rows[lo:lo + block_size - n_buf]  # a block never exceeds block_size rows
+                lo += len(part)
+                a, b = part[0], part[-1] + 1  # one contiguous read, then the wanted rows of it
+                sel = torch.tensor(part) - a
+                chunk = {n: h.get_slice(n)[a:b][sel] if len(part) != b - a else h.get_slice(n)[a:b]
+                         for n in layers}
+                finite = torch.ones(len(part), dtype=torch.bool)
+                for X in chunk.values():
+                    finite &= torch.isfinite(X.reshape(len(part), -1)).all(1)
+                ids = [keys[idx[p]] for p in part]
+                if not bool(finite.all()):
+                    if dropped is not None:
+                        dropped.update(i for i, ok in zip(ids, finite.tolist()) if not ok)
+                    chunk = {n: X[finite] for n, X in chunk.items()}
+                    ids = [i for i, ok in zip(ids, finite.tolist()) if ok]
+                    if not ids:
+                        continue
+                buf.append((chunk, ids))
+                n_buf += len(ids)
+                if n_buf >= block_size:
+                    yield emit()
+                    buf, n_buf = [], 0
     if buf:
         yield emit()
 
