@@ -262,6 +262,13 @@ class Featurizer:
                 covs[name] = cov
         return feats, covs
 
+    def token_scores(self, name: str, g: FactoredGrad, W: torch.Tensor) -> torch.Tensor:
+        """(Q, B, T) inner products <W_q, g_t a~_t^T (projected)> of each token's feature with Q weight matrices
+        W (Q, k_out, k_in), without forming the per-token features: (GP_t^T W_q AP_t). Zero at padding."""
+        AP, GP = self._sides(name, g)
+        W = W.to(AP.dtype)
+        return torch.einsum("bto,qoi,bti->qbt", GP, W, AP)
+
     def token_features(self, name: str, g: FactoredGrad) -> torch.Tensor:
         """(B, T, k_out, k_in) per-token features (g_t a~_t^T projected): their sum over t is `layer()`'s.
         Used for per-token breakdowns of a query's score (zero at padding)."""

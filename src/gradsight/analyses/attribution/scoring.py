@@ -278,9 +278,13 @@ def _top_rows(method: str, topk: _TopK, q_ids: torch.Tensor, n_train: int, self_
 
 
 def _per_token(st: AttrState, ckpts, queries, top: pd.DataFrame, self_mode: bool) -> pd.DataFrame:
-    """Scores of each token position of the top proponents (first non-TRAK method, final checkpoint)."""
-    from ...runs.registry import Unit
+    """Scores of each token position of the top proponents (first non-TRAK method, final checkpoint).
+
+    The training example's gradient is the sum over its positions t of g_t a_t^T, so its score against a query
+    splits exactly over positions (kronfluence's per-token scores): score_t = sum_l <prep_q,l, g_t a_t^T>. Each
+    proponent is re-run once (one captured forward/backward) for all the queries it serves."""
     from ...inputs.examples import example_step
+    from ...runs.registry import Unit
 
     cols = ["method", "query", "rank", "train", "position", "token", "is_target", "score"]
     method = next((m for m in st.cfg.methods if m != "trak"), None)
@@ -288,31 +292,32 @@ def _per_token(st: AttrState, ckpts, queries, top: pd.DataFrame, self_mode: bool
         return pd.DataFrame(columns=cols)
     sc = Scorer(method, damping=st.cfg.damping, damping_mode=st.cfg.damping_mode).fit(ckpts[-1:])
     prep = sc.prepare(queries[-1:])[0]
-    K = len(ckpts) - 1
-    load_checkpoint(st, K)
-    train_units = st.train_payloads
-    rows = []
+    load_checkpoint(st, len(ckpts) - 1)
     q_pos = {int(q): j for j, q in enumerate(queries[-1].ids.tolist())}
     sel = top[(top["method"] == method) & (top["side"] == "proponent") & (top["rank"] <= st.cfg.per_token)]
     tok = st.source.tokenizer
-    for r in sel.itertuples():
-        payload = train_units.get(int(r.train))
+    rows = []
+    for train, group in sel.groupby("train", sort=True):
+        payload = st.train_payloads.get(int(train))
         if payload is None:
             continue
+        qs = [q_pos[int(q)] for q in group["query"]]
         step = example_step(st.source, [Unit(0, payload)], st.modules, st.losses)
-        enc = payload[1]
         score = None
         for n, g in step.grads.items():
-            tf = st.featurizer.token_features(n, g)[0].double()  # (T, k_out, k_in)
-            part = (tf.reshape(tf.shape[0], -1) @ prep[n][q_pos[int(r.query)]].reshape(-1))  # (T,)
+            part = st.featurizer.token_scores(n, g, prep[n][qs].to(torch.float64))[:, 0].double()  # (Q, T)
             score = part if score is None else score + part
+        enc = payload[1]
         ids = enc.input_ids
         names = tok.convert_ids_to_tokens(ids) if tok is not None else [str(i) for i in ids]
-        for t in range(len(ids)):
-            rows.append({"method": method, "query": int(r.query), "rank": int(r.rank), "train": int(r.train),
-                         "position": t, "token": str(names[t]), "is_target": bool(enc.target_mask[t]),
-                         "score": float(score[t]) * sc.weights[0]})
-    return pd.DataFrame(rows, columns=cols)
+        for qi, r in enumerate(group.itertuples()):
+            s_q = (score[qi] * sc.weights[0]).tolist()
+            for t in range(len(ids)):
+                rows.append({"method": method, "query": int(r.query), "rank": int(r.rank), "train": int(train),
+                             "position": t, "token": str(names[t]), "is_target": bool(enc.target_mask[t]),
+                             "score": float(s_q[t])})
+    df = pd.DataFrame(rows, columns=cols)
+    return df.sort_values(["query", "rank", "position"], kind="stable").reset_index(drop=True)
 
 
 def merge(run: Path) -> pd.DataFrame:
