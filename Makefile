@@ -2,7 +2,7 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.installed-v2
+STAMP   := $(VENV)/.installed-v3
 RUN     ?= runs/demo
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
@@ -17,6 +17,8 @@ install: $(STAMP)
 # --no-deps (their own dependencies are for other runtimes). The training integrations and the peers the
 # tests compare with: TensorBoard, TRL and qpsolvers (torchjd's UPGrad solver) under constraints.txt (torch pinned), Lightning, torchjd and
 # pytorch-optimizer --no-deps (they declare open torch ranges; their other dependencies are already here).
+# The attribution peers (TRAK's traker, Kronfluence, dattri) --no-deps with the small packages they import
+# (kronfluence declares torchvision but never imports it).
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
@@ -27,6 +29,8 @@ $(STAMP): pyproject.toml Makefile
 	  "qpsolvers==4.13.0"
 	$(BIN)/python -m pip install -q --no-deps "pytorch-lightning==2.6.6" "torchmetrics==1.9.0" "torchjd==0.18.0" \
 	  "pytorch-optimizer==4.1.0" "quadprog==0.1.14"
+	$(BIN)/python -m pip install -q --no-deps "traker==0.3.2" "kronfluence==1.0.1" "dattri==0.3.0" "einconv==0.1.0" \
+	  "einops==0.8.2" "opt-einsum==3.4.0"
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
@@ -39,8 +43,9 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "chromium not installed: the headless render check will be skipped"; }
 
+# GRADSIGHT_REQUIRE_PEERS: a peer comparison never skips for a missing package here (make install has them)
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q tests
+	GRADSIGHT_REQUIRE_PEERS=1 $(BIN)/python -m pytest -q tests
 
 # The benchmarks compare against the peers' own packages, installed --no-deps so they can never pull another
 # torch: pyhessian and loss-landscapes (curvature, landscapes), Opacus and BackPACK (per-example gradient
@@ -57,6 +62,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/monitor.py
 	$(BIN)/python benchmarks/transforms.py
 	$(BIN)/python benchmarks/conflict.py
+	$(BIN)/python benchmarks/attribution.py
+	$(BIN)/python benchmarks/attribution_store.py
+	$(BIN)/python benchmarks/attribution_lm.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -32,6 +32,8 @@ def demo(
                                                    "unless given)"),
     train: bool = typer.Option(True, help="also run the monitored fine-tuning of SmolLM2 (OUT/train; the tour "
                                           "only)"),
+    attribution: bool = typer.Option(True, help="also run the attribution demo (OUT/attribution: SmolLM2's wrong "
+                                                "answers attributed to the fast and slow ones; the tour only)"),
     curvature: bool = typer.Option(True, help="also run the curvature and landscape demos (digits MLP spectrum "
                                               "and landscapes, SmolLM2 per-block top eigenvalues; the tour: the "
                                               "first and last block only)"),
@@ -58,7 +60,7 @@ def demo(
             if not quiet:
                 print_summary(path)
 
-        runs = run_tour(out, model=model, geometry=geometry, train=train, curvature=curvature,
+        runs = run_tour(out, model=model, geometry=geometry, train=train, curvature=curvature, attribution=attribution,
                         n_problems=n_problems if _given(ctx, "n_problems") else TOUR_PROBLEMS,
                         geometry_problems=geometry_problems if _given(ctx, "geometry_problems")
                         else TOUR_GEOMETRY_PROBLEMS, curvature_problems=curvature_problems,

@@ -49,7 +49,8 @@ from .problems import demo_records, geometry_records
 
 __all__ = ["demo_config", "run_demo", "run_geometry_demo", "run_curvature_demo", "TourRun", "tour_plan",
            "run_tour", "check_demo_out", "TOUR_PROBLEMS", "TOUR_GEOMETRY_PROBLEMS", "TOUR_CURVATURE_PROBLEMS", "TOUR_BLOCKS",
-           "TOUR_CURVATURE_EXAMPLES", "TOUR_GEOMETRY_KINDS"]
+           "TOUR_CURVATURE_EXAMPLES", "TOUR_GEOMETRY_KINDS", "TOUR_ATTRIBUTION_PROBLEMS", "attribution_records",
+           "run_attribution_demo"]
 
 NET = "digits MLP 64-32-32-10 (seed 0)"
 LM = "smollm2-135m-instruct"
@@ -59,6 +60,7 @@ TOUR_CURVATURE_PROBLEMS = 1  # SmolLM2 curvature: problems x {fast, slow, wrong}
 TOUR_CURVATURE_EXAMPLES = 1  # ... of which the first response only (each Hessian product is ~3 fwd/bwd passes)
 TOUR_GEOMETRY_KINDS = ("q", "v", "down")  # geometry: the layer kinds of the tour (every block)
 TOUR_BLOCKS = "0,-1"  # SmolLM2 curvature: the first and the last transformer block
+TOUR_ATTRIBUTION_PROBLEMS = 6  # attribution: problems x {fast, slow} training records, their "wrong" as queries
 LANDSCAPES = ("digits-hessian-plane", "digits-random-plane", "digits-interpolation")
 TOUR_INTRO = ("The gradsight demo tour: every analysis once, on a small sample (the Data column gives each run's "
               "size). `gradsight demo --full` runs the larger demo.")
@@ -87,6 +89,36 @@ def run_geometry_demo(out: str | Path = "runs/demo/geometry", n_problems: int = 
                 token_budget=2048, max_batch=32, target="slow")
     base.update(overrides)
     return run_geometry(GeometryConfig(**base), out, progress=progress, records=geometry_records(n_problems))
+
+
+def attribution_records(n_problems: int = TOUR_ATTRIBUTION_PROBLEMS, seed: int = 0) -> tuple[list, list]:
+    """(training records, queries) of the attribution demo: each problem's fast and slow answers are training
+    records and its wrong answer is a query, all with the problem as their group ("p003"), so the same-group
+    precision of a query's top proponents says whether attribution finds the records of the same problem."""
+    recs = [dict(r, group=f"p{r['problem']:03d}", answer_kind=r["group"]) for r in demo_records(n_problems, seed)]
+    return [r for r in recs if r["answer_kind"] != "wrong"], [r for r in recs if r["answer_kind"] == "wrong"]
+
+
+def run_attribution_demo(out: str | Path = "runs/demo/attribution", n_problems: int = TOUR_ATTRIBUTION_PROBLEMS,
+                         model: str = LM, progress: bool = True, **overrides):
+    """The attribution part of the demo: the wrong answers as queries, attributed to the fast and slow answers
+    of every problem (EK-FAC, TRAK, gradient cosine). The queries are written next to the run directory
+    (OUT.queries.jsonl, deterministic). Returns the AttributionResult."""
+    import json
+
+    from ..analyses.attribution import AttributionConfig, run_attribution
+    from ..runs.store import atomic_write_text
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(out)
+    train, queries = attribution_records(n_problems)
+    qfile = out.with_name(out.name + ".queries.jsonl")
+    qfile.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(qfile, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in queries))
+    base = dict(model=model, data=f"builtin:demo-attribution-{n_problems}", queries=str(qfile),
+                encode=EncodeOptions(max_length=512), token_budget=2048, methods=("ekfac", "trak", "grad_cos"))
+    base.update(overrides)
+    return run_attribution(AttributionConfig(**base), out, progress=progress, records=train)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -182,11 +214,13 @@ class TourRun:
 def tour_plan(model: str = LM, n_problems: int = TOUR_PROBLEMS, geometry: bool = True,
               geometry_problems: int = TOUR_GEOMETRY_PROBLEMS, curvature: bool = True,
               curvature_problems: int = TOUR_CURVATURE_PROBLEMS, blocks: str = TOUR_BLOCKS,
-              curvature_examples: int | None = TOUR_CURVATURE_EXAMPLES, train: bool = True) -> list[TourRun]:
+              curvature_examples: int | None = TOUR_CURVATURE_EXAMPLES, train: bool = True,
+              attribution: bool = True, attribution_problems: int = TOUR_ATTRIBUTION_PROBLEMS) -> list[TourRun]:
     """The runs of the tour in order (nothing is loaded or run here; see the module docstring).
 
     geometry=False leaves out the geometry run; curvature=False the curvature and landscape runs (as
-    ``--no-geometry`` and ``--no-curvature`` do in the full demo); train=False the fine-tuning run. `model` is
+    ``--no-geometry`` and ``--no-curvature`` do in the full demo); train=False the fine-tuning run;
+    attribution=False the attribution run. `model` is
     used by every language-model run (layers, geometry, fine-tuning, SmolLM2 curvature); `blocks` selects the
     blocks of the SmolLM2 curvature run and `curvature_examples` caps its responses (None: all of its problems'
     three).
@@ -199,6 +233,11 @@ def tour_plan(model: str = LM, n_problems: int = TOUR_PROBLEMS, geometry: bool =
                             f"preference pairs, rollouts), layers {','.join(TOUR_GEOMETRY_KINDS)} of every block",
                             lambda root, p: run_geometry_demo(root / "geometry", geometry_problems, model, p,
                                                               kinds=TOUR_GEOMETRY_KINDS).path))
+    if attribution:
+        plan.append(TourRun("attribution", "attribute", model, f"{attribution_problems} problems: the wrong answers "
+                            "attributed to the fast and slow answers (EK-FAC, TRAK, cosine), every linear layer",
+                            lambda root, p: run_attribution_demo(root / "attribution", attribution_problems, model,
+                                                                 p).path))
     if train:
         from .train import TRAIN_BATCH, TRAIN_BLOCKS, TRAIN_PROBLEMS, TRAIN_STEPS, fine_tune
 
@@ -230,7 +269,7 @@ def run_tour(out: str | Path = "runs/demo", *, model: str = LM, n_problems: int 
              geometry: bool = True, geometry_problems: int = TOUR_GEOMETRY_PROBLEMS, train: bool = True,
              curvature: bool = True, curvature_problems: int = TOUR_CURVATURE_PROBLEMS, blocks: str = TOUR_BLOCKS,
              curvature_examples: int | None = TOUR_CURVATURE_EXAMPLES, progress: bool = True,
-             after: Callable[[TourRun, Path], None] | None = None) -> dict:
+             after: Callable[[TourRun, Path], None] | None = None, attribution: bool = True) -> dict:
     """Make every run of `tour_plan` under `out`, then OUT/index.html.
 
     A run directory that already holds the same run is reused (the engine resumes it; a finished run costs
@@ -247,7 +286,7 @@ def run_tour(out: str | Path = "runs/demo", *, model: str = LM, n_problems: int 
     t0 = time.perf_counter()
     runs: dict = {}
     for step in tour_plan(model, n_problems, geometry, geometry_problems, curvature, curvature_problems, blocks,
-                          curvature_examples, train=train):
+                          curvature_examples, train=train, attribution=attribution):
         runs[step.name] = step.run(out, progress)
         if after is not None:
             after(step, runs[step.name])
