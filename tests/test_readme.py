@@ -50,6 +50,11 @@ def test_python_examples_run(tmp_path, monkeypatch):
     for run in ("train", "hf-train"):
         assert (tmp_path / "runs" / run / "report.html").exists() and (tmp_path / "runs" / run / "series.parquet").exists()
     assert ns["info"]["weights"].shape == (2,) and "post" in ns["w"].last_stats
+    # attribution: the in-memory scores and the run directory agree on every query's top proponent
+    S, attr = ns["S"], ns["attr"]
+    assert S.shape == (1000, 20) and (tmp_path / "runs" / "digits-attr" / "report.html").exists()
+    top1 = attr.top[(attr.top["method"] == "ekfac") & (attr.top["side"] == "proponent") & (attr.top["rank"] == 1)]
+    assert top1.sort_values("query")["train"].tolist() == S.argmax(0).tolist()
 
 
 def test_documented_commands_parse():
