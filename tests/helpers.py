@@ -82,3 +82,17 @@ def tiny_model(seed=0, dtype=torch.float32):
                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=512, attn_implementation="eager")
     return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def external_refs(page: str) -> list[str]:
+    """src / href values of a page's tags that point elsewhere (a self-contained page has none)."""
+    from html.parser import HTMLParser
+
+    refs: list[str] = []
+
+    class P(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            refs.extend(v for k, v in attrs if k in ("src", "href") and v and "://" in v)
+
+    P().feed(page)
+    return refs

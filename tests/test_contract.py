@@ -34,7 +34,7 @@ from gradsight.runs.api import config_for, run_lm, run_module
 from gradsight.runs.store import RunMismatchError
 
 import test_new_analysis  # noqa: F401  (registers "gradnorm", an analysis defined in a test file alone)
-from helpers import tiny_model, tiny_tokenizer
+from helpers import external_refs, tiny_model, tiny_tokenizer
 
 NAMES = registry.names()
 EVIL = "<script>alert(1)</script>"
@@ -140,21 +140,8 @@ def test_report_renders_from_the_run_directory_alone(name, model, tmp_path, caps
     page = (copy / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert EVIL not in page  # user text is escaped
-    assert not _external_refs(page)  # self-contained: no tag loads anything from elsewhere
+    assert not external_refs(page)  # self-contained: no tag loads anything from elsewhere
     _assert_same_tables(tmp_path / "run", copy)  # re-summarised from the shards: the same tables
-
-
-def _external_refs(page: str) -> list[str]:
-    from html.parser import HTMLParser
-
-    refs: list[str] = []
-
-    class P(HTMLParser):
-        def handle_starttag(self, tag, attrs):
-            refs.extend(v for k, v in attrs if k in ("src", "href") and v and "://" in v)
-
-    P().feed(page)
-    return refs
 
 
 def _env():

@@ -8,7 +8,6 @@ Llama of tests/helpers.py on the demo records (tokens.parquet)."""
 from __future__ import annotations
 
 import re
-from html.parser import HTMLParser
 
 import numpy as np
 import pandas as pd
@@ -23,7 +22,7 @@ from gradsight.report.kit import fmt_num, fmt_pct
 from gradsight.runs import registry
 from gradsight.runs.api import config_for, run_lm
 
-from helpers import tiny_model, tiny_tokenizer
+from helpers import external_refs, tiny_model, tiny_tokenizer
 
 EVIL = "<script>alert(1)</script>"
 LM = {"dtype": "float64", "attn_implementation": "eager", "max_length": 64, "truncation": "left", "kinds": ("v",)}
@@ -61,17 +60,6 @@ def lm_run(tmp_path_factory):
     return out
 
 
-def _external_refs(page: str) -> list[str]:
-    refs: list[str] = []
-
-    class P(HTMLParser):
-        def handle_starttag(self, tag, attrs):
-            refs.extend(v for k, v in attrs if k in ("src", "href") and v and "://" in v)
-
-    P().feed(page)
-    return refs
-
-
 def _rows(page: str, side: str, query: int, method: str) -> list[tuple[int, int]]:
     """(rank, train) of the page's rows of one query, method and side, in page order."""
     pat = (rf'<tr class="{side}" data-query="{query}" data-method="{re.escape(method)}" data-rank="(\d+)" '
@@ -82,7 +70,7 @@ def _rows(page: str, side: str, query: int, method: str) -> list[tuple[int, int]
 def _check_page(run, page: str) -> None:
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert EVIL not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # escaped, and shown
-    assert not _external_refs(page)
+    assert not external_refs(page)
     assert SIGN in page and "score_per_n" in page and "standard deviation of this query" in page
     top = pd.read_parquet(run / "top.parquet")
     for m in top["method"].unique():
