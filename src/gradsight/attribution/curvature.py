@@ -179,13 +179,14 @@ class CurvatureFit:
             kind = self.layer_kind(name)
             if kind in ("identity", "kfac"):
                 continue
-            X = X.double()
+            # the products run in the features' own precision (float32 features: float32 GEMMs, 2-4x faster on
+            # a CPU, relative error ~1e-6 per sum, far below any damping); the sums are kept in float64
             if kind == "ekfac":
-                Q_A, Q_S = self.bases[name][:2]
-                part = (Q_S.T @ X @ Q_A).pow(2).sum(0)  # (k_out, k_in)
+                Q_A, Q_S = (q.to(X.dtype) for q in self.bases[name][:2])
+                part = (Q_S.T @ X @ Q_A).pow(2).sum(0).double()  # (k_out, k_in)
             else:
                 flat = X.reshape(rows, -1)
-                part = flat.T @ flat  # (D, D)
+                part = (flat.T @ flat).double()  # (D, D)
             self.sums[name] = part if name not in self.sums else self.sums[name] + part
         self.n += int(rows if n_examples is None else n_examples)
 

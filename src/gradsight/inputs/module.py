@@ -101,8 +101,29 @@ def take_rows(batch, rows: torch.Tensor):
     return batch
 
 
+def _row_cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(out, y, reduction="none")
+
+
+def _row_mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (out - y).reshape(out.shape[0], -1).pow(2).sum(-1)
+
+
+# the built-in losses per row in one call (equal to the loss of each one-row slice)
+_ROW_LOSSES = {"cross_entropy": _row_cross_entropy, "mse": _row_mse}
+
+
 def row_losses(loss, forward: Callable) -> Callable[[nn.Module, Any], torch.Tensor]:
-    """``fn(model, batch) -> (B,)``: each row's loss (the loss of its one-row slice)."""
+    """``fn(model, batch) -> (B,)``: each row's loss (the loss of its one-row slice; the built-in losses are
+    computed for all rows in one call, a custom one row by row)."""
+    if isinstance(loss, str) and loss in _ROW_LOSSES:
+        rowwise = _ROW_LOSSES[loss]
+
+        def losses(model, batch):
+            out, y = forward(model, batch)
+            return rowwise(out, y)
+
+        return losses
     fn = resolve_loss(loss)
 
     def losses(model, batch):
