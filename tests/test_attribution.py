@@ -162,8 +162,8 @@ def test_damped_inverse_equals_dense_ggn_solve_on_mlp():
     order = [n for n, _ in model.named_parameters()]  # 0.weight 0.bias 2.weight 2.bias
     for kind in ("raw", "kfac", "ekfac"):
         fit = CurvatureFit(kind, covs, shapes)
-        for feats, n in fb:
-            fit.update(feats, n)
+        for item in fb:  # KronStats here (one-token rows), (features, n) pairs for sequences
+            fit.update(*(item if isinstance(item, tuple) else (item,)))
         op = KroneckerOperator(model, fit.finalize(0.05), bias=True)
         assert op.names == order
         D = op.dense()

@@ -21,6 +21,8 @@ from ..capture.hooks import is_factorable
 from ..inputs.module import row_losses
 from ..curvature.operators import default_forward
 from ..measures.step import backward_step
+from ..capture.grads import FactoredGrad
+from .curvature import KronStats
 from .features import FeatureSpec, Featurizer, LayerCovariance
 from .methods import Block, Checkpoint, Scorer
 
@@ -136,6 +138,20 @@ def fisher_losses(mode: str, loss, forward, generator: torch.Generator) -> list:
     return ggn
 
 
+def _kron_stats(model, layers, batch, fns, fz: Featurizer, add, B: int) -> KronStats:
+    """KronStats of one batch of one-token rows over the pseudo-losses `fns`, and their covariance sums."""
+    G: dict[str, torch.Tensor] = {}
+    a: dict[str, torch.Tensor] = {}
+    for fn in fns:
+        for n, g in backward_step(model, layers, batch, fn).grads.items():
+            AP, GP = fz._sides(n, g)  # (B, 1, k_in), (B, 1, k_out)
+            gp = GP[:, 0].double()
+            G[n] = gp.unsqueeze(2) * gp.unsqueeze(1) + (G[n] if n in G else 0)  # (B, k_out, k_out)
+            a[n] = AP[:, 0].double()
+    add({n: LayerCovariance(a[n].T @ a[n], G[n].sum(0), B, B) for n in G})
+    return KronStats(G, a, B)
+
+
 def featurize(model: nn.Module, loss, batches: Sequence, *, layers: dict[str, nn.Module] | None = None,
               spec: FeatureSpec | None = None, dtype: torch.dtype = torch.float32, covariance: bool = True,
               forward=None, fisher: str = "empirical", seed: int = 0, pre=None) -> tuple:
@@ -183,14 +199,18 @@ def featurize(model: nn.Module, loss, batches: Sequence, *, layers: dict[str, nn
             if pseudo is not None and covariance:
                 fns = pseudo if isinstance(pseudo, list) else \
                     [pseudo(c) for c in range(forward(model, batch)[0].reshape(B, -1).shape[1])]
-                parts: dict[str, list] = {n: [] for n in layers}
-                for fn in fns:
-                    fs, cs = fz(backward_step(model, layers, batch, fn).grads, covariance=True)
-                    for n, X in fs.items():
-                        parts[n].append(X.detach().cpu())
-                    add({n: LayerCovariance(cv.A, cv.S, cv.n_tokens if fn is fns[0] else 0,
-                                            cv.n_examples if fn is fns[0] else 0) for n, cv in cs.items()})
-                fisher_blocks.append(({n: torch.cat(v) for n, v in parts.items()}, B))
+                one_token = all(isinstance(g, FactoredGrad) and g.A.shape[1] == 1 for g in step.grads.values())
+                if one_token:  # per-example Kronecker statistics (C x cheaper than C pseudo-feature rows)
+                    fisher_blocks.append(_kron_stats(model, layers, batch, fns, fz, add, B))
+                else:
+                    parts: dict[str, list] = {n: [] for n in layers}
+                    for fn in fns:
+                        fs, cs = fz(backward_step(model, layers, batch, fn).grads, covariance=True)
+                        for n, X in fs.items():
+                            parts[n].append(X.detach().cpu())
+                        add({n: LayerCovariance(cv.A, cv.S, cv.n_tokens if fn is fns[0] else 0,
+                                                cv.n_examples if fn is fns[0] else 0) for n, cv in cs.items()})
+                    fisher_blocks.append(({n: torch.cat(v) for n, v in parts.items()}, B))
             all_losses.append(step.losses.double().cpu())
             offset += B
     finally:

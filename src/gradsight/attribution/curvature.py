@@ -45,7 +45,7 @@ import torch
 
 from .features import LayerCovariance
 
-__all__ = ["KINDS", "LayerCurvature", "CurvatureFit", "KroneckerOperator", "sym_eigh"]
+__all__ = ["KINDS", "LayerCurvature", "CurvatureFit", "KroneckerOperator", "sym_eigh", "KronStats"]
 
 KINDS = ("identity", "raw", "kfac", "ekfac")
 
@@ -55,6 +55,23 @@ def sym_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     M = M.double()
     w, Q = torch.linalg.eigh((M + M.T) / 2)
     return w.clamp_min(0.0), Q
+
+
+@dataclass
+class KronStats:
+    """Per-example curvature statistics of one-token examples (plain modules), a cheaper form of their
+    pseudo-gradient features: with C output directions c, example e's pseudo-gradients at a layer are
+    phi_ec = g_ec a_e^T (projected), so sum_c vec phi_ec vec phi_ec^T = (sum_c g_ec g_ec^T) (x) a_e a_e^T.
+
+    Attributes:
+        G: {layer: (n, k_out, k_out)} sum over c of g_ec g_ec^T.
+        a: {layer: (n, k_in)} the (projected, bias-augmented) inputs.
+        n: examples.
+    """
+
+    G: dict
+    a: dict
+    n: int
 
 
 @dataclass
@@ -77,14 +94,22 @@ class LayerCurvature:
     Lam: torch.Tensor | None = None
     Q: torch.Tensor | None = None
     w: torch.Tensor | None = None
+    C: torch.Tensor | None = None   # raw with a positive damping: the matrix and the Cholesky factor of C + lambda
+    L: torch.Tensor | None = None
 
     def eigenvalues(self) -> torch.Tensor:
-        """Undamped eigenvalues of C (flat, float64); empty for identity."""
+        """Undamped eigenvalues of C (flat, float64); empty for identity (raw by Cholesky: not computed)."""
         if self.kind in ("kfac", "ekfac"):
             return self.Lam.reshape(-1)
-        if self.kind == "raw":
+        if self.kind == "raw" and self.w is not None:
             return self.w
         return torch.zeros(0, dtype=torch.float64)
+
+    def mean_eigenvalue(self) -> float:
+        if self.kind == "raw" and self.C is not None:
+            return float(torch.diagonal(self.C).mean())  # tr(C) / D
+        ev = self.eigenvalues()
+        return float(ev.mean()) if ev.numel() else 0.0
 
     def _apply(self, X: torch.Tensor, fn) -> torch.Tensor:
         X = X.double()
@@ -92,6 +117,9 @@ class LayerCurvature:
             return X.clone()
         if self.kind == "raw":
             flat = X.reshape(X.shape[0], -1)  # (M, D)
+            if self.Q is None:  # Cholesky form: only C and (C + lambda)^-1
+                out = flat @ self.C if fn is None else torch.cholesky_solve(flat.T, self.L).T
+                return out.reshape(X.shape)
             out = (fn(self.w) * (flat @ self.Q)) @ self.Q.T
             return out.reshape(X.shape)
         R = self.Q_S.T @ X @ self.Q_A  # (M, k_out, k_in) in the Kronecker eigenbasis
@@ -107,19 +135,19 @@ class LayerCurvature:
             d = w + lam
             return torch.where(d > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
 
-        return self._apply(X, inv)
+        return self._apply(X, inv if self.L is None else "solve")
 
     def matvec(self, X: torch.Tensor) -> torch.Tensor:
         """C X (undamped), for checks against a dense matrix."""
         if self.kind == "identity":
             return torch.zeros_like(X, dtype=torch.float64)
-        return self._apply(X, lambda w: w)
+        return self._apply(X, None if self.L is not None else (lambda w: w))
 
     def info(self) -> dict:
         ev = self.eigenvalues()
         return {"kind": self.kind, "k_out": self.shape[0], "k_in": self.shape[1], "damping": float(self.damping),
-                "mean_eigenvalue": float(ev.mean()) if ev.numel() else 0.0,
-                "max_eigenvalue": float(ev.max()) if ev.numel() else 0.0}
+                "mean_eigenvalue": self.mean_eigenvalue(),
+                "max_eigenvalue": float(ev.max()) if ev.numel() else float("nan")}
 
 
 @dataclass
@@ -173,6 +201,9 @@ class CurvatureFit:
 
         n_examples: the number of examples the block stands for when it holds several pseudo-gradients per
         example (the GGN's C output directions, whose squares add up within an example); default: its rows."""
+        if isinstance(block, KronStats):
+            self._update_kron(block)
+            return
         rows = 0
         for name, X in block.items():
             rows = X.shape[0]
@@ -189,6 +220,27 @@ class CurvatureFit:
                 part = (flat.T @ flat).double()  # (D, D)
             self.sums[name] = part if name not in self.sums else self.sums[name] + part
         self.n += int(rows if n_examples is None else n_examples)
+
+    def _update_kron(self, st: KronStats) -> None:
+        """The same sums from per-example Kronecker statistics: raw sum_e G_e (x) a_e a_e^T (N k_out^2 k_in^2
+        instead of N C (k_out k_in)^2 for the C pseudo-gradients), EK-FAC sum_e diag(Q_S^T G_e Q_S) (Q_A^T a_e)^2."""
+        for name, G in st.G.items():
+            kind = self.layer_kind(name)
+            if kind in ("identity", "kfac"):
+                continue
+            a = st.a[name].double()
+            G = G.double()
+            if kind == "ekfac":
+                Q_A, Q_S = self.bases[name][:2]
+                gs = torch.einsum("ij,nik,kj->nj", Q_S, G, Q_S)  # (n, k_out): diag(Q_S^T G_e Q_S)
+                part = gs.T @ (a @ Q_A).pow(2)  # (k_out, k_in)
+            else:
+                n, ko, ki = G.shape[0], G.shape[1], a.shape[1]
+                aa = (a.unsqueeze(2) * a.unsqueeze(1)).reshape(n, ki * ki)  # (n, k_in^2)
+                part = (G.reshape(n, ko * ko).T @ aa).reshape(ko, ko, ki, ki)  # one GEMM over the examples
+                part = part.permute(0, 2, 1, 3).reshape(ko * ki, ko * ki)  # [(i, k), (j, l)]
+            self.sums[name] = part if name not in self.sums else self.sums[name] + part
+        self.n += int(st.n)
 
     def state(self) -> dict[str, torch.Tensor]:
         """The pass sums and the example count (tensors; add them across ranks / shards)."""
@@ -211,7 +263,16 @@ class CurvatureFit:
             if kind in ("raw", "ekfac") and self.n <= 0:
                 raise ValueError(f"curvature {kind!r} needs a pass over the training features; none was added")
             if kind == "raw":
-                lc.w, lc.Q = sym_eigh(self.sums[name] / self.n)
+                C = self.sums[name] / self.n
+                C = (C + C.T) / 2
+                lam = damping * float(torch.diagonal(C).mean()) if mode == "relative" else float(damping)
+                L, bad = torch.linalg.cholesky_ex(C + lam * torch.eye(C.shape[0], dtype=C.dtype)) if lam > 0 \
+                    else (None, 1)
+                if lam > 0 and int(bad) == 0:  # positive definite: Cholesky (4-10x cheaper than eigh)
+                    lc.C, lc.L, lc.damping = C, L, lam
+                    out[name] = lc
+                    continue
+                lc.w, lc.Q = sym_eigh(C)
             elif kind in ("kfac", "ekfac"):
                 Q_A, Q_S, alpha, sigma = self.bases[name]
                 lc.Q_A, lc.Q_S = Q_A, Q_S

@@ -216,8 +216,8 @@ class Scorer:
             if self.method in CURVATURE:
                 fit = CurvatureFit(CURVATURE[self.method], ck.covs, ck.shapes)
                 if fit.needs_pass:
-                    for feats, n in (ck.fisher() if ck.fisher is not None else ((b.feats, b.n) for b in ck.blocks())):
-                        fit.update(feats, n)
+                    for item in (ck.fisher() if ck.fisher is not None else ((b.feats, b.n) for b in ck.blocks())):
+                        fit.update(*(item if isinstance(item, tuple) else (item,)))
                 if reduce is not None:
                     fit.load(reduce(fit.state()))
                 f.layers = fit.finalize(self.damping, self.damping_mode)
