@@ -42,8 +42,8 @@ def data(n_problems: int) -> tuple[list[dict], list[dict]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--problems", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--problems", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     import torch
 
@@ -54,7 +54,8 @@ def main() -> None:
     from gradsight.inputs.examples import layer_modules
     from gradsight.inputs.lm import collate_units, lm_source
     from gradsight.inputs.losses import loss_fn_for
-    from gradsight.inputs.lm import batches_of, batch_cost
+    from gradsight.inputs.batching import make_batches
+    from gradsight.inputs.lm import batch_cost
     from gradsight.measures.step import backward_step
     from gradsight.runs.distributed import DistInfo
 
@@ -76,8 +77,8 @@ def main() -> None:
     model, tok = src.model, src.tokenizer
     recs, _ = load_records(train)
     encs = [e for e in (encode(r, tok, cfg.encode) for r in recs) if e.ok]
-    groups = list(batches_of(encs, lambda e: e, cfg.token_budget, cfg.max_batch, batch_cost(cfg, src)))
-    batches = [collate_units(g, tok.pad_token_id, "cpu") for g in groups]
+    groups = make_batches(encs, token_budget=cfg.token_budget, max_batch=cfg.max_batch, cost=batch_cost(cfg, src))
+    batches = [collate_units([encs[i] for i in g], tok.pad_token_id, "cpu") for g in groups]
     lengths = sorted(e.n_tokens for e in encs)
     mods = layer_modules(src)
     fz = Featurizer(cfg.feature_spec(), {n: m.bias is not None for n, m in mods.items()})
@@ -96,7 +97,8 @@ def main() -> None:
 
     for p in model.parameters():
         p.requires_grad_(True)
-    times = interleaved({"attribution": attribution_pass, "plain fwd+bwd": plain_pass}, rounds=args.rounds)
+    times = interleaved({"attribution": attribution_pass, "plain fwd+bwd": plain_pass}, rounds=args.rounds,
+                        warmup=False)
     ratio, note = paired_ratio(times["attribution"], times["plain fwd+bwd"])
     log(f"cost per training example: {ratio:.3f}x a plain forward+backward ({note})")
     out = {"n_train": len(train), "n_query": len(queries), "lengths": {"min": lengths[0], "median":
