@@ -140,6 +140,8 @@ PRESETS: dict[str, MethodSpec] = {
     "trak": MethodSpec("trak", "TRAK-10", models=10, damping=0.0, trak_dim=512),
     "trak50": MethodSpec("trak", "TRAK-50", models=50, damping=0.0, trak_dim=512),
     "trak_tuned": MethodSpec("trak", "TRAK-10 (k 512, d 1)", models=10, trak_dim=512, damping=1.0),
+    "raw3": MethodSpec("raw", "IF raw-3 ens (full, ggn)", fisher="ggn", damping=1.0, models=3),
+    "raw5": MethodSpec("raw", "IF raw-5 ens (full, ggn)", fisher="ggn", damping=1.0, models=5),
     "kfac5": MethodSpec("kfac", "K-FAC-5 ens (full)", damping=0.1, models=5),
     "kfac10": MethodSpec("kfac", "K-FAC-10 ens (full)", damping=0.1, models=10),
     "ekfac5": MethodSpec("ekfac", "EK-FAC-5 ens (full, ggn)", fisher="ggn", damping=0.1, models=5),

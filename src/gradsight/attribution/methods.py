@@ -46,7 +46,7 @@ __all__ = ["METHODS", "Block", "Checkpoint", "Scorer", "score_matrix", "check_me
 
 METHODS = ("grad_dot", "grad_cos", "tracin", "raw", "kfac", "ekfac", "trak")
 CURVATURE = {"raw": "raw", "kfac": "kfac", "ekfac": "ekfac"}
-DEFAULT_DAMPING = {"raw": 0.1, "kfac": 0.1, "ekfac": 0.1, "trak": 0.01}
+DEFAULT_DAMPING = {"raw": 0.5, "kfac": 0.1, "ekfac": 0.1, "trak": 0.01}
 MAX_GAUSSIAN = 2**26
 RCOND = 1e-6  # relative cutoff of TRAK's pseudo-inverse
 
@@ -129,16 +129,18 @@ class ModelFeature:
         return self._P[name]
 
     def __call__(self, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        flats = [feats[n].reshape(feats[n].shape[0], -1).double() for n in self.names]  # (n, D_l)
+        """(n, dim) in the features' own dtype (float32 features: float32 GEMMs)."""
+        flats = [feats[n].reshape(feats[n].shape[0], -1) for n in self.names]  # (n, D_l)
+        dt = flats[0].dtype
         if self.exact:
             return torch.cat(flats, dim=1)
-        out = torch.zeros(flats[0].shape[0], self.dim, dtype=torch.float64)
+        out = torch.zeros(flats[0].shape[0], self.dim, dtype=dt)
         for name, X in zip(self.names, flats):
             P = self._proj(name)
             if self.kind == "gaussian":
-                out += X @ P
+                out += X.to(dt) @ P.to(dt)
             else:
-                out.index_add_(1, P[0].long(), X * P[1])
+                out.index_add_(1, P[0].long(), X.to(dt) * P[1].to(dt))
         return out
 
 
@@ -164,7 +166,8 @@ class Scorer:
     Args:
         method: one of METHODS.
         damping: relative (default) or absolute lambda (see `attribution.curvature`); None: the method's default
-            (0.1 relative for raw / kfac / ekfac, 0.01 relative for trak).
+            (0.5 relative for raw, 0.1 for kfac / ekfac, 0.01 for trak; chosen by LDS on digits,
+            benchmarks/ATTRIBUTION.md).
         damping_mode: "relative" or "absolute".
         trak_dim: size of TRAK's whole-model feature.
         out: "margin" (cross-entropy classifiers; TRAK's margin and Q = 1 - p) or "loss" (phi = x, Q = 1).
@@ -182,7 +185,7 @@ class Scorer:
         self.fitted: list[_Fitted] = []
         self.weights: list[float] = []
         self.q_mean: dict[int, float] = {}  # TRAK: example id -> mean over checkpoints of Q
-        self.model_feature: ModelFeature | None = None
+        self.model_features: dict[int, ModelFeature] = {}  # TRAK: one projection per checkpoint (ensemble member)
 
     # ---- weights over checkpoints
     def _weights(self, ckpts: Sequence[Checkpoint]) -> list[float]:
@@ -222,20 +225,30 @@ class Scorer:
                     fit.load(reduce(fit.state()))
                 f.layers = fit.finalize(self.damping, self.damping_mode)
             elif self.method == "trak":
-                self.model_feature = self.model_feature or ModelFeature(ck.shapes, self.trak_dim, self.seed)
-                H = torch.zeros(self.model_feature.dim, self.model_feature.dim, dtype=torch.float64)
+                # each member gets its own projection (as traker and dattri draw one per model): with one shared
+                # projection, members that converged to the same weights would add nothing
+                mf = self.model_features[k] = ModelFeature(ck.shapes, self.trak_dim, self.seed + 7919 * k)
+                H = torch.zeros(mf.dim, mf.dim, dtype=torch.float64)
                 n = 0
                 for b in ck.blocks():
-                    phi = self._trak_phi(b)
-                    H += phi.T @ phi
+                    phi = self._trak_phi(b, k)
+                    H += (phi.T @ phi).double()
                     n += b.n
                     if self.out == "margin":
                         for i, q in zip(b.ids.tolist(), (1 - self._p(b.losses)).tolist()):
                             q_sum[int(i)] = q_sum.get(int(i), 0.0) + q
                 if reduce is not None:
                     H = reduce({"H": H})["H"]
+                H = (H + H.T) / 2
+                lam = self.damping * float(torch.diagonal(H).mean()) if self.damping_mode == "relative" \
+                    else self.damping
+                if lam > 0:  # damped: a Cholesky factor (eigh of a k x k matrix costs 5-10x more)
+                    L, bad = torch.linalg.cholesky_ex(H + lam * torch.eye(H.shape[0], dtype=H.dtype))
+                    if int(bad) == 0:
+                        f.trak = (None, L, lam)
+                        self.fitted.append(f)
+                        continue
                 w, Q = sym_eigh(H)
-                lam = self.damping * float(w.mean()) if self.damping_mode == "relative" else self.damping
                 d = w + lam
                 # a pseudo-inverse below rcond (float32 features carry ~1e-7 relative noise: eigenvalues under
                 # 1e-6 x the largest are noise, and with N < k there are k - N exact zeros)
@@ -252,10 +265,10 @@ class Scorer:
             self.q_mean = {i: s / len(ckpts) for i, s in q_sum.items()}
         return self
 
-    def _trak_phi(self, b: Block) -> torch.Tensor:
-        x = self.model_feature(b.feats)  # (n, k)
-        if self.out == "margin":
-            x = x / (1 - self._p(b.losses)).unsqueeze(1)  # sign dropped: it cancels in phi_q . phi_i
+    def _trak_phi(self, b: Block, k: int) -> torch.Tensor:
+        x = self.model_features[k](b.feats)  # (n, k)
+        if self.out == "margin":  # sign dropped: it cancels in phi_q . phi_i
+            x = x / (1 - self._p(b.losses)).unsqueeze(1).to(x.dtype)
         return x
 
     def prepare(self, queries: Sequence[Block]) -> list:
@@ -270,7 +283,10 @@ class Scorer:
             return None
         if self.method == "trak":
             Q, inv, _ = f.trak
-            return {"__model__": ((self._trak_phi(q) @ Q) * inv) @ Q.T}  # (M, k)
+            phi = self._trak_phi(q, k).double()
+            if Q is None:  # inv is the Cholesky factor of Phi'Phi + lambda
+                return {"__model__": torch.cholesky_solve(phi.T, inv).T}  # (M, k)
+            return {"__model__": ((phi @ Q) * inv) @ Q.T}
         if self.method in CURVATURE:
             return {n: f.layers[n].solve(X) for n, X in q.feats.items()}
         if self.method == "grad_cos":
@@ -285,7 +301,7 @@ class Scorer:
             return torch.zeros(b.n, dtype=torch.float64)
         P = self._prep_one(k, b)
         if self.method == "trak":
-            s = (self._trak_phi(b) * P["__model__"]).sum(1)
+            s = (self._trak_phi(b, k).double() * P["__model__"]).sum(1)
             if self.out == "margin":
                 s = s * torch.tensor([self.q_mean.get(int(i), 0.0) for i in b.ids.tolist()], dtype=torch.float64)
             return w * s
@@ -301,7 +317,7 @@ class Scorer:
             return (z, {}) if per_layer else z
         P = prep[k]
         if self.method == "trak":
-            S = self._trak_phi(b) @ P["__model__"].T  # (n, M)
+            S = self._trak_phi(b, k).double() @ P["__model__"].T  # (n, M)
             if self.out == "margin":
                 S = S * torch.tensor([self.q_mean.get(int(i), 0.0) for i in b.ids.tolist()],
                                      dtype=torch.float64).unsqueeze(1)
@@ -319,8 +335,9 @@ class Scorer:
                "checkpoint_weights": list(self.weights), "out": self.out}
         if self.method in CURVATURE:
             out["layers"] = [{n: lc.info() for n, lc in f.layers.items()} for f in self.fitted]
-        if self.method == "trak" and self.model_feature is not None:
-            out.update(trak_dim=self.model_feature.dim, projection=self.model_feature.kind,
+        if self.method == "trak" and self.model_features:
+            mf = next(iter(self.model_features.values()))
+            out.update(trak_dim=mf.dim, projection=mf.kind,
                        lambda_abs=[f.trak[2] if f.trak else None for f in self.fitted])
         return out
 

@@ -17,6 +17,7 @@ import typer
 from ..runs import registry
 from . import demo as demo_cmd
 from . import env as env_cmd
+from . import lds as lds_cmd
 from . import report as report_cmd
 from . import select as select_cmd
 from .common import friendly_errors, print_summary_on_main
@@ -70,6 +71,7 @@ def build_app() -> typer.Typer:
     app.command("demo")(demo_cmd.demo)
     app.command("select")(select_cmd.select)
     app.command("env")(env_cmd.env)
+    app.command("lds")(lds_cmd.lds)
     return app
 
 
