@@ -73,7 +73,7 @@ def gradsight_methods(kind: str, extra: bool) -> list[MethodSpec]:
     names = ["grad_dot", "grad_cos", "tracin", "raw", "kfac", "ekfac", "trak1", "trak", "trak_tuned", "kfac5",
              "kfac10"] + (["raw3", "raw5"] if kind == "mlp" else [])  # a convex LR's members are one model
     specs = [PRESETS[n] for n in names]
-    specs.insert(8, MethodSpec("trak", "TRAK-10 (k 512, Scorer default d 0.01)", models=10, trak_dim=512))
+    specs.insert(8, MethodSpec("trak", "TRAK-10 (k 512, d 0.01)", models=10, trak_dim=512, damping=0.01))
     if kind == "lr":  # the exact influence function: H = GGN of the mean CE + the recipe's l2 (1e-3)
         specs.insert(3, MethodSpec("raw", "IF exact (ggn, l2 1e-3 abs)", fisher="ggn", damping=1e-3,
                                    damping_mode="absolute"))

@@ -27,8 +27,9 @@ training features (the whole-model feature, below),
 For other losses (`out="loss"`, e.g. a language model's sequence NLL) phi = x and Q = 1.
 The whole-model feature concatenates the layers' features when their total size is at most `trak_dim`
 (exact: P = I) and otherwise sums per-layer seeded projections to `trak_dim` (Gaussian N(0, 1/k) while the
-matrices fit in 2^26 entries, else a CountSketch). lambda defaults to 0.01 x the mean eigenvalue of Phi'Phi (TRAK's own default is 0, which is singular when
-N < k, TRAK issue #24); with damping 0 a pseudo-inverse drops eigenvalues below 1e-6 x the largest.
+matrices fit in 2^26 entries, else a CountSketch). lambda defaults to 1 x the mean eigenvalue of Phi'Phi (TRAK's own default is 0, which is singular when N < k,
+TRAK issue #24; on digits lambda = 1 x mean gives LDS 0.60 / 0.74 (MLP / LR, TRAK-10) against 0.36 / 0.59 at 0,
+benchmarks/ATTRIBUTION.md); with damping 0 a pseudo-inverse drops eigenvalues below 1e-6 x the largest.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ __all__ = ["METHODS", "Block", "Checkpoint", "Scorer", "score_matrix", "check_me
 
 METHODS = ("grad_dot", "grad_cos", "tracin", "raw", "kfac", "ekfac", "trak")
 CURVATURE = {"raw": "raw", "kfac": "kfac", "ekfac": "ekfac"}
-DEFAULT_DAMPING = {"raw": 0.5, "kfac": 0.1, "ekfac": 0.1, "trak": 0.01}
+DEFAULT_DAMPING = {"raw": 0.5, "kfac": 0.1, "ekfac": 0.1, "trak": 1.0}
 MAX_GAUSSIAN = 2**26
 RCOND = 1e-6  # relative cutoff of TRAK's pseudo-inverse
 
@@ -166,7 +167,7 @@ class Scorer:
     Args:
         method: one of METHODS.
         damping: relative (default) or absolute lambda (see `attribution.curvature`); None: the method's default
-            (0.5 relative for raw, 0.1 for kfac / ekfac, 0.01 for trak; chosen by LDS on digits,
+            (0.5 relative for raw, 0.1 for kfac / ekfac, 1 for trak; chosen by LDS on digits,
             benchmarks/ATTRIBUTION.md).
         damping_mode: "relative" or "absolute".
         trak_dim: size of TRAK's whole-model feature.

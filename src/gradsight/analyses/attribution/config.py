@@ -36,7 +36,8 @@ class AttributionConfig:
     r_dense: int = option(256, "projection of non-Linear layers' flattened gradients")
     feature_dtype: str = option("float32", "stored feature dtype", choices=("float32", "float16", "float64"))
     damping: float | None = option(None, "damping (relative to each layer's mean eigenvalue unless "
-                                         "--damping-mode absolute); default 0.1 for raw/kfac/ekfac, 0.01 for trak")
+                                         "--damping-mode absolute); default 0.5 for raw, 0.1 for kfac/ekfac, 1 for "
+                                         "trak (LDS on digits, benchmarks/ATTRIBUTION.md)")
     damping_mode: str = option("relative", "damping: relative (x mean eigenvalue per layer) or absolute",
                                choices=("relative", "absolute"))
     trak_dim: int = option(2048, "TRAK's whole-model feature size")
