@@ -127,8 +127,9 @@ class MethodSpec:
 
 # Short names (CLI `--methods`, benchmark). Full parameter space everywhere (the digits models are small); the
 # dampings are the sweep's (benchmarks/ATTRIBUTION.md). "trak*" are TRAK as published: lambda = 0 (pseudo-inverse;
-# the Scorer's own default is 1 relative, the best in the sweep) at k = 512 (dattri's default; traker's 2048 exceeds N = 1000 here,
-# costs ~8x more and grades lower); TRAK-10 then equals traker's and dattri's TRAK-10 LDS within 0.001.
+# the Scorer's own default is 1 relative, the best in the sweep) at k = 512 (dattri's default; traker's 2048
+# exceeds N = 1000 here, costs ~8x more and grades lower); TRAK-10 then equals traker's and dattri's TRAK-10 LDS
+# within 0.001.
 PRESETS: dict[str, MethodSpec] = {
     "grad_dot": MethodSpec("grad_dot", "Grad-Dot"),
     "grad_cos": MethodSpec("grad_cos", "Grad-Cos"),
