@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -143,7 +144,7 @@ def test_lm_features_from_refuses_other_layers_and_tokenizer(tmp_path, lm_data):
     assert ok.scores("ekfac").shape == (len(train), 3)
     with pytest.raises(RunMismatchError, match=r"layers\.kinds"):
         _lm_run(tmp_path / "bad", train, str(q), kinds=("q",), methods=("ekfac",), features_from=str(tmp_path / "train"))
-    other = tiny_tokenizer()
+    other = copy.deepcopy(tiny_tokenizer())  # a copy: tiny_tokenizer() is cached and shared by every test
     other.add_tokens(["<extra-token>"])
     with pytest.raises(RunMismatchError, match="tokenizer"):
         _lm_run(tmp_path / "bad2", train, str(q), tok=other, kinds=("v",), methods=("ekfac",),
