@@ -50,7 +50,7 @@ def test_tiny_mlp_evaluation_is_finite_and_complete(mlp_report):
     assert rep.best("margin")["lds"] > 0.2
 
 
-@pytest.mark.parametrize("seed", [0, 3])
+@pytest.mark.parametrize("seed", [3])  # seeds 0-7 all give 0.80-0.82 (docstring): one in the suite
 def test_exact_influence_on_lr_is_good_even_with_ten_subsets(seed):
     """Full task, exact Hessian of the convex objective: LDS 0.844 at m = 100, 0.80-0.82 at m = 10 over seeds
     0-7 (se ~0.007), so > 0.5 is robust; its leave-one-out predictions track exact retraining. Negated scores
