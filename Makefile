@@ -18,7 +18,7 @@ install: $(STAMP)
 # tests compare with: TensorBoard, TRL and qpsolvers (torchjd's UPGrad solver) under constraints.txt (torch pinned), Lightning, torchjd and
 # pytorch-optimizer --no-deps (they declare open torch ranges; their other dependencies are already here).
 # The attribution peers (TRAK's traker, Kronfluence, dattri) --no-deps with the small packages they import
-# (kronfluence declares torchvision but never imports it).
+# (kronfluence declares the vision companion package of torch but never imports it; --no-deps keeps it out).
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"

@@ -28,10 +28,10 @@ from safetensors.torch import load_file
 
 from ...attribution.features import LayerCovariance
 from ...attribution.methods import CURVATURE, Block, Checkpoint, Scorer
-from ...runs.store import atomic_write_text, merge_shards, write_parquet, write_safetensors
+from ...runs.store import atomic_write_text, write_parquet, write_safetensors
 from .compute import QUERY, TRAIN, AttrState, load_checkpoint, restore
 
-__all__ = ["finish", "read_examples", "feature_blocks", "covariances"]
+__all__ = ["finish", "read_examples", "feature_blocks", "covariances", "set_rows", "unit_keys", "train_checkpoint"]
 
 
 def read_examples(run: Path) -> pd.DataFrame:
@@ -113,9 +113,24 @@ def covariances(run: Path, k: int, layers: list[str]) -> dict[str, LayerCovarian
     return out
 
 
-def _sets(ex: pd.DataFrame, k: int, s: str) -> pd.DataFrame:
+def set_rows(ex: pd.DataFrame, k: int, s: str) -> pd.DataFrame:
+    """The usable (status ok) units of set `s` ("train" / "query") at checkpoint k, in example order."""
     d = ex[(ex["set"] == s) & (ex["checkpoint"] == k) & (ex["status"] == "ok")]
-    return d.sort_values("example")
+    return d.sort_values("example", kind="stable")
+
+
+def unit_keys(d: pd.DataFrame) -> tuple[dict[int, int], dict[int, float]]:
+    """({unit key: example index}, {unit key: loss}) of some units (what `feature_blocks` reads)."""
+    return (dict(zip(d["idx"].astype(int), d["example"].astype(int))),
+            dict(zip(d["idx"].astype(int), d["loss"].astype(float))))
+
+
+def train_checkpoint(train_run: Path, tr: pd.DataFrame, k: int, layers: list[str], shapes: dict, lr: float,
+                     block_size: int, dropped: set | None = None) -> Checkpoint:
+    """Checkpoint k's training side from the shards: the units `tr` streamed in blocks, its covariance sums."""
+    keys, losses = unit_keys(tr)
+    return Checkpoint(lambda: feature_blocks(train_run, keys, losses, layers, block_size, dropped),
+                      covariances(train_run, k, layers), shapes, lr=lr, name=f"checkpoint {k}")
 
 
 class _TopK:
@@ -165,29 +180,24 @@ def _score_all(run: Path, st: AttrState) -> dict:
     dropped_train: set = set()
     dropped_query: set = set()
     self_mode = st.n_query == 0
+    shapes = _shapes(train_run, layers)
     for k in range(st.n_ckpt):
-        tr = _sets(tex, k, TRAIN)
+        tr = set_rows(tex, k, TRAIN)
         if tr.empty:
             raise ValueError("no usable training example (every one was skipped): nothing to attribute to")
-        tkeys = dict(zip(tr["idx"].astype(int), tr["example"].astype(int)))
-        tloss = dict(zip(tr["idx"].astype(int), tr["loss"].astype(float)))
-        covs = covariances(train_run, k, layers)
-        shapes = _shapes(train_run, layers)
-        ckpts.append(Checkpoint(lambda r=train_run, a=tkeys, b=tloss: feature_blocks(r, a, b, layers, cfg.block_size,
-                                                                                  dropped_train),
-                                covs, shapes, lr=st.lrs[k], name=f"checkpoint {k}"))
-        q = tr if self_mode else _sets(ex, k, QUERY)
+        tkeys = unit_keys(tr)[0]
+        ckpts.append(train_checkpoint(train_run, tr, k, layers, shapes, st.lrs[k], cfg.block_size, dropped_train))
+        q = tr if self_mode else set_rows(ex, k, QUERY)
         if q.empty:
             raise ValueError("no usable query example (every one was skipped): nothing to score")
-        qkeys = dict(zip(q["idx"].astype(int), q["example"].astype(int)))
-        qloss = dict(zip(q["idx"].astype(int), q["loss"].astype(float)))
+        qkeys, qloss = unit_keys(q)
         b = next(iter(feature_blocks(train_run if self_mode else run, qkeys, qloss, layers, 10**9, dropped_query)),
                  None)
         if b is None:
             raise ValueError("every query's features are non-finite: nothing to score")
         o = torch.argsort(b.ids)  # queries in example order, whatever the shard order (ranks)
         queries.append(Block({n: X[o] for n, X in b.feats.items()}, b.losses[o], b.ids[o]))
-    n_train = len(_sets(tex, st.n_ckpt - 1, TRAIN))
+    n_train = len(set_rows(tex, st.n_ckpt - 1, TRAIN))
     q_ids = queries[-1].ids
     M = q_ids.numel()
     dense = n_train * M <= cfg.max_dense
@@ -318,8 +328,3 @@ def _per_token(st: AttrState, ckpts, queries, top: pd.DataFrame, self_mode: bool
                              "score": float(s_q[t])})
     df = pd.DataFrame(rows, columns=cols)
     return df.sort_values(["query", "rank", "position"], kind="stable").reset_index(drop=True)
-
-
-def merge(run: Path) -> pd.DataFrame:
-    """RUN/examples.parquet from its shards."""
-    return merge_shards(run, "examples")

@@ -49,7 +49,7 @@ from safetensors.torch import load_file
 from ...attribution.methods import Block, Checkpoint, ModelFeature, Scorer, check_method
 from ...runs.store import read_examples, read_manifest
 from ...stats.diversity import greedy_select
-from .scoring import covariances, feature_blocks
+from .scoring import feature_blocks, set_rows, train_checkpoint, unit_keys
 
 __all__ = ["BY", "target_scores", "select", "method_for"]
 
@@ -111,26 +111,14 @@ def _open(run: str | Path) -> _Run:
                 out_kind)
 
 
-def _rows(ex: pd.DataFrame, k: int, s: str) -> pd.DataFrame:
-    d = ex[(ex["set"] == s) & (ex["checkpoint"] == k) & (ex["status"] == "ok")]
-    return d.sort_values("example", kind="stable")
-
-
-def _keys(d: pd.DataFrame) -> tuple[dict[int, int], dict[int, float]]:
-    return (dict(zip(d["idx"].astype(int), d["example"].astype(int))),
-            dict(zip(d["idx"].astype(int), d["loss"].astype(float))))
-
-
 def _checkpoints(r: _Run, train_ok: set[int]) -> list[Checkpoint]:
     """The training side per checkpoint, as the run's finish builds it (features streamed from the shards)."""
     bs = int(r.cfg.get("block_size", 4096))
     out = []
     for k in range(r.n_ckpt):
-        tr = _rows(r.tex, k, "train")
-        tr = tr[tr["example"].isin(train_ok)]
-        keys, losses = _keys(tr)
-        out.append(Checkpoint(lambda a=keys, b=losses: feature_blocks(r.train_run, a, b, r.layers, bs),
-                              covariances(r.train_run, k, r.layers), r.shapes, lr=r.lrs[k], name=f"checkpoint {k}"))
+        tr = set_rows(r.tex, k, "train")
+        out.append(train_checkpoint(r.train_run, tr[tr["example"].isin(train_ok)], k, r.layers, r.shapes, r.lrs[k],
+                                    bs))
     return out
 
 
@@ -138,9 +126,8 @@ def _query_blocks(r: _Run, examples: list[int]) -> list[Block]:
     """Per checkpoint, the features of the query examples `examples` (in that order)."""
     blocks = []
     for k in range(r.n_ckpt):
-        q = _rows(r.ex, k, "query")
-        q = q[q["example"].isin(examples)]
-        keys, losses = _keys(q)
+        q = set_rows(r.ex, k, "query")
+        keys, losses = unit_keys(q[q["example"].isin(examples)])
         b = next(iter(feature_blocks(r.path, keys, losses, r.layers, 10**9)), None)
         if b is None or b.n != len(examples):
             raise ValueError(f"{r.path}: the features of {len(examples) - (0 if b is None else b.n)} target "
@@ -159,9 +146,9 @@ def _subtasks(r: _Run, by: str, target: Sequence[str] | None) -> tuple[list[int]
         raise ValueError(f"{r.path} {NO_QUERIES}")
     ok = None
     for k in range(r.n_ckpt):
-        e = set(_rows(r.ex, k, "query")["example"].astype(int))
+        e = set(set_rows(r.ex, k, "query")["example"].astype(int))
         ok = e if ok is None else ok & e
-    last = _rows(r.ex, r.n_ckpt - 1, "query")
+    last = set_rows(r.ex, r.n_ckpt - 1, "query")
     last = last[last["example"].isin(ok or set())]
     groups = last["group"].astype(str)
     known = sorted(set(q_all["group"].astype(str)))
@@ -213,7 +200,7 @@ def target_scores(run: str | Path, by: str = "less", target: Sequence[str] | Non
         raise ValueError("method 'trak' is not supported for selection (its Q weighting is not linear in the "
                          "queries); use ekfac, kfac, raw, tracin, grad_dot or grad_cos")
     examples, names, parts = _subtasks(r, by, target)
-    train = _rows(r.tex, r.n_ckpt - 1, "train")
+    train = set_rows(r.tex, r.n_ckpt - 1, "train")
     if groups:
         unknown = sorted(set(groups) - set(train["group"].astype(str)))
         if unknown:
@@ -250,9 +237,9 @@ def target_scores(run: str | Path, by: str = "less", target: Sequence[str] | Non
 def _model_features(r: _Run, cand: pd.DataFrame, dim: int) -> torch.Tensor:
     """(n, D) whole-model features of the candidates' last-checkpoint training features, in cand's order."""
     k = r.n_ckpt - 1
-    tr = _rows(r.tex, k, "train")
+    tr = set_rows(r.tex, k, "train")
     tr = tr[tr["example"].isin(set(cand["example"].astype(int)))]
-    keys, losses = _keys(tr)
+    keys, losses = unit_keys(tr)
     mf = ModelFeature(r.shapes, dim, seed=int(r.cfg.get("run", {}).get("seed", 0)))
     rows: dict[int, torch.Tensor] = {}
     for b in feature_blocks(r.train_run, keys, losses, r.layers, 4096):
