@@ -139,7 +139,15 @@ def _masks(st: ImpState, stats, scores: dict | None, method: str, structure: str
     if structure == "unstructured" and group == "global":
         return M.global_masks(scores, sparsity)
     return {n: M.make_mask(s, structure, sparsity, group="layer" if group == "layer" else "row")
-            for n, s in scores.items()}
+            for n, s in scores.items() if n not in _nm_misfits(st, structure)}
+
+
+def _nm_misfits(st: ImpState, structure: str) -> list[str]:
+    """Layers an N:M structure cannot cover (d_in not a multiple of M): they stay dense (noted in the run)."""
+    kind, nm = M.parse_structure(structure) if structure != "neuron" else ("neuron", None)
+    if kind != "nm":
+        return []
+    return [n for n, m in st.modules.items() if _weight(m).shape[1] % nm[1] != 0]
 
 
 def _apply(model_copy, names: dict, masks: dict) -> None:
@@ -152,7 +160,10 @@ def _apply(model_copy, names: dict, masks: dict) -> None:
 def _oneshot_sparsegpt(st: ImpState, stats, copy_mods: dict, structure: str, sparsity: float) -> None:
     from ...importance.sparsegpt import hessian_from_xtx, sparsegpt
 
+    misfit = _nm_misfits(st, structure)
     for name, m in copy_mods.items():
+        if name in misfit:
+            continue
         s = stats[name]
         if s.xtx is None:
             raise ValueError("sparsegpt one-shot needs the x x^T sums of the pass")
@@ -285,10 +296,16 @@ def finish(plan, resumed: int) -> dict:
     base = {"calibration": "sequential" if sequential else "one-shot", "in_sample": bool(in_sample)}
     dense = evaluate(model)
     rows = [{"method": "dense", "structure": "dense", "sparsity_target": 0.0, "sparsity": 0.0, "group": "",
-             **base, **dense, "seconds": 0.0}]
+             **base, **dense}]
+    timings = []  # seconds per configuration: the manifest (tables hold only reproducible numbers)
+    notes: list[str] = []
     g_sq = {n: s.g_sq for n, s in stats.items() if s.g_sq is not None}
+    for structure in st.cfg.structures:
+        misfit = _nm_misfits(st, structure)
+        if misfit:
+            notes.append(f"{structure}: {len(misfit)} layer(s) left dense (inputs not a multiple of M): "
+                         f"{', '.join(misfit[:5])}")
     configs = _configs(st.cfg)
-    notes = []
     if not any(re.search(st.cfg.neuron_layers, n) for n in st.modules) and any(c[1] == "neuron" for c in configs):
         skipped = [c for c in configs if c[1] == "neuron"]
         configs = [c for c in configs if c[1] != "neuron"]
@@ -308,7 +325,7 @@ def finish(plan, resumed: int) -> dict:
             from ...importance.sequential import prune_sequential
 
             prune_sequential(pruned, windows, method, structure, sparsity, g_sq=g_sq or None, alpha=st.cfg.alpha,
-                             layers=list(st.modules), batch_size=max(1, min(st.cfg.max_batch, 8)))
+                             layers=[n for n in st.modules if n not in _nm_misfits(st, structure)], batch_size=max(1, min(st.cfg.max_batch, 8)))
             group, how = ("row" if method != "sparsegpt" else "block"), "sequential"
         elif method == "sparsegpt":
             if structure == "neuron":
@@ -321,7 +338,9 @@ def finish(plan, resumed: int) -> dict:
         total = sum(k.numel() for k in keep.values())
         achieved = 1 - sum(int(k.sum()) for k in keep.values()) / total
         rows.append({"method": method, "structure": structure, "sparsity_target": sparsity, "sparsity": achieved,
-                     "group": group if structure == "unstructured" else structure, **base, "calibration": how, **ev, "seconds": time.perf_counter() - t})
+                     "group": group if structure == "unstructured" else structure, **base, "calibration": how, **ev})
+        timings.append({"method": method, "structure": structure, "sparsity": sparsity,
+                        "seconds": round(time.perf_counter() - t, 3)})
         masks_of[(method, structure, sparsity)] = keep
         if not ev["finite"]:
             log.write(f"importance: {method} {structure} {sparsity:g}: the pruned model's evaluation is not finite "
@@ -353,7 +372,8 @@ def finish(plan, resumed: int) -> dict:
     write_parquet(pd.DataFrame(score_rows), run / "scores.parquet")
     write_parquet(_neuron_table(st, stats, layer_info), run / "neurons.parquet")
     return {"importance": {"n_calibration": int(n_seq), "configs": len(configs), "saved_model": saved,
-                           "calibration": base["calibration"], "in_sample": bool(in_sample), "notes": notes}}
+                           "calibration": base["calibration"], "in_sample": bool(in_sample), "notes": notes,
+                           "seconds": timings, "finish_s": round(time.perf_counter() - t0, 1)}}
 
 
 def _neuron_table(st: ImpState, stats, layer_info, top: int = 20) -> pd.DataFrame:
