@@ -1,4 +1,5 @@
-"""Figures of the `importance` page, as plain plotly JSON dicts (no graph_objects validation).
+"""Figures of the `importance` page, as plain plotly JSON dicts (no graph_objects validation), and the per-layer
+summaries that go with them (`overlap_summary`, `allocation_summary`, `score_summary`).
 
 * `curve_figure`: the sparsity-perplexity curves (evaluation.parquet): one panel per structure family
   (unstructured: a curve per method over the target sparsity; N:M: one point per method and pattern; neuron: a
@@ -24,9 +25,10 @@ import re
 import numpy as np
 import pandas as pd
 
-from ...report.kit import PALETTE, Subplots, figure, floats, order, ptext
+from ...report.kit import PALETTE, Subplots, figure, floats, fmt_num, fmt_pct, order, ptext
 
-__all__ = ["family", "FAMILIES", "method_colors", "pct", "layer_order", "layer_labels", "varying_configs",
+__all__ = ["family", "FAMILIES", "method_colors", "pct", "cfg_label", "at", "layer_order", "layer_labels",
+           "varying_configs", "overlap_summary", "allocation_summary", "score_summary",
            "curve_figure", "layer_sparsity_figure", "overlap_figure", "score_figure", "MAX_PANELS", "SPREAD_TOL"]
 
 FAMILIES = ["unstructured", "N:M", "neuron"]  # panel order of the curves
@@ -51,6 +53,16 @@ def method_colors(methods: list[str]) -> dict[str, str]:
 def pct(x) -> str:
     """A sparsity as a short percentage: 0.5 -> '50%', 0.125 -> '12.5%'."""
     return f"{100 * float(x):.3g}%"
+
+
+def cfg_label(structure: str, target: float) -> str:
+    """'unstructured 50%', 'neuron 25%'; an N:M pattern is its own label ('2:4')."""
+    return structure if family(structure) == "N:M" else f"{structure} {pct(target)}"
+
+
+def at(df: pd.DataFrame, structure: str, target: float) -> pd.DataFrame:
+    """The rows of one (structure, sparsity_target) configuration."""
+    return df[(df["structure"].astype(str) == structure) & np.isclose(df["sparsity_target"].astype(float), target)]
 
 
 def layer_order(preferred: list[str], *tables: pd.DataFrame | None) -> list[str]:
@@ -92,6 +104,67 @@ def varying_configs(layers: pd.DataFrame | None) -> list[tuple[str, str, float]]
             s = s[s > 0]
         if len(s) > 1 and np.nanmax(s) - np.nanmin(s) > SPREAD_TOL:
             out.append((str(key[0]), str(key[1]), float(key[2])))
+    return out
+
+
+def overlap_summary(lay: pd.DataFrame | None) -> list[dict]:
+    """Per (structure, sparsity, method != magnitude), over the layers it prunes (layers.parquet):
+
+        overlap = Σ_l o_l k_l / Σ_l k_l      o_l = overlap_magnitude of layer l, k_l = sparsity_l · numel_l
+        chance  = Σ_l s_l k_l / Σ_l k_l      s_l = magnitude's pruned fraction of layer l
+
+    i.e. the share of all the method's pruned weights that magnitude prunes too, and the share a mask drawn at
+    random within each layer would reach; with the layer of the lowest overlap."""
+    if lay is None or lay.empty or "overlap_magnitude" not in lay:
+        return []
+    labels = layer_labels(lay)
+    out = []
+    for (s, p, m), g in lay.groupby(["structure", "sparsity_target", "method"], sort=False):
+        g = g[g["overlap_magnitude"].notna() & (g["sparsity"] > 0)]
+        if str(m) == "magnitude" or g.empty:
+            continue
+        pruned = (g["sparsity"] * g["numel"]).to_numpy(float)  # weights the method prunes per layer
+        mag = at(lay[lay["method"].astype(str) == "magnitude"], str(s), float(p)).set_index("layer")["sparsity"]
+        chance = mag.reindex(g["layer"]).to_numpy(float)
+        lo = g.loc[g["overlap_magnitude"].astype(float).idxmin()]
+        out.append({"structure": str(s), "target": float(p), "config": cfg_label(str(s), float(p)), "method": str(m),
+                    "overlap": float((g["overlap_magnitude"].to_numpy(float) * pruned).sum() / pruned.sum()),
+                    "chance": float(np.nansum(chance * pruned) / pruned.sum()) if np.isfinite(chance).any() else np.nan,
+                    "low_layer": labels.get(str(lo["layer"]), str(lo["layer"])), "low": float(lo["overlap_magnitude"]),
+                    "n_layers": len(g)})
+    return out
+
+
+def allocation_summary(lay: pd.DataFrame | None) -> list[dict]:
+    """Configurations whose layers are pruned unevenly (`varying_configs`): the least and most pruned layer, and
+    how many layers are untouched or removed entirely."""
+    labels = layer_labels(lay)
+    out = []
+    for m, s, p in varying_configs(lay):
+        g = at(lay[lay["method"].astype(str) == m], s, p)
+        h = g[g["sparsity"] > 0] if s == "neuron" else g  # neuron masks: among the neuron layers
+        lo, hi = h.loc[h["sparsity"].idxmin()], h.loc[h["sparsity"].idxmax()]
+        out.append({"method": m, "config": cfg_label(s, p), "lo": fmt_pct(lo["sparsity"]),
+                    "hi": fmt_pct(hi["sparsity"]), "lo_layer": labels.get(str(lo["layer"]), str(lo["layer"])),
+                    "hi_layer": labels.get(str(hi["layer"]), str(hi["layer"])),
+                    "n_zero": int((g["sparsity"] <= 0).sum()), "n_full": int((g["sparsity"] >= 1).sum()), "n": len(g)})
+    return out
+
+
+def score_summary(sc: pd.DataFrame | None, methods: list[str], formulas: dict[str, str]) -> list[dict]:
+    """Per method (scores.parquet): the median over layers of each layer's median score, their range, the
+    typical q10 / q90, spread = largest / smallest layer median, and the largest share of exact zeros."""
+    if sc is None or sc.empty:
+        return []
+    out = []
+    for m in order(sc["method"].astype(str), methods):
+        g = sc[sc["method"].astype(str) == m]
+        med = g["median"].to_numpy(float)
+        spread = float(np.nanmax(med) / np.nanmin(med)) if np.nanmin(med) > 0 else float("nan")
+        out.append({"method": m, "n": len(g), "median": fmt_num(np.nanmedian(med)), "lo": fmt_num(np.nanmin(med)),
+                    "hi": fmt_num(np.nanmax(med)), "q10": fmt_num(g["q10"].median()), "q90": fmt_num(g["q90"].median()),
+                    "spread": fmt_num(spread), "zero": fmt_pct(g["frac_zero"].max()),
+                    "formula": formulas.get(m, "")})
     return out
 
 

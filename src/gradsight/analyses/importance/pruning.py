@@ -358,9 +358,8 @@ def finish(plan, resumed: int) -> dict:
             pr = ~k
             row = {"method": method, "structure": structure, "sparsity_target": sparsity, "layer": name,
                    **layer_info[name], "numel": int(k.numel()), "sparsity": float(pr.double().mean())}
-            if ref is not None and method != "magnitude":
-                both = int((pr & ~ref[name]).sum())
-                row["overlap_magnitude"] = both / max(int(pr.sum()), 1)
+            if ref is not None and method != "magnitude" and bool(pr.any()):
+                row["overlap_magnitude"] = int((pr & ~ref[name]).sum()) / int(pr.sum())
             else:
                 row["overlap_magnitude"] = float("nan")
             layer_rows.append(row)

@@ -25,11 +25,12 @@ import pandas as pd
 from ...report.kit import (FigureRegistry, clip_text, finite, fmt_int, fmt_num, fmt_pct, isnan, order, out_path,
                            read_table, render_page, report_path_line, run_context, skip_reason_counts)
 from ...runs.store import read_manifest
-from .figures import (curve_figure, family, layer_labels, layer_order, layer_sparsity_figure, method_colors,
-                      overlap_figure, pct, score_figure, varying_configs)
+from .figures import (allocation_summary, at, cfg_label, curve_figure, family, layer_labels, layer_order,
+                      layer_sparsity_figure, method_colors, overlap_figure, overlap_summary, pct, score_figure,
+                      score_summary)
 
 __all__ = ["render", "print_summary", "run_findings", "build_context", "load_importance", "ImpData",
-           "importance_findings", "grid_rows", "best_per_config", "overlap_rows", "METHOD_INFO", "NOT_FINITE"]
+           "importance_findings", "grid_rows", "best_per_config", "pivot", "METHOD_INFO", "NOT_FINITE"]
 
 HERE = Path(__file__).parent  # the page template (importance.html) lives next to this module
 NOT_FINITE = "not finite - not saved"
@@ -120,10 +121,6 @@ def load_importance(run_dir: Path | str) -> ImpData:
 # the grid
 
 
-def _cfg_label(structure: str, target: float) -> str:
-    return structure if family(structure) == "N:M" else f"{structure} {pct(target)}"
-
-
 def configs(data: ImpData) -> list[tuple[str, float]]:
     """(structure, sparsity_target) of the pruned configurations, in evaluation order."""
     ev = data.t("evaluation")
@@ -131,10 +128,6 @@ def configs(data: ImpData) -> list[tuple[str, float]]:
         return []
     d = ev[ev["method"].astype(str) != "dense"]
     return list(dict.fromkeys((str(s), float(p)) for s, p in zip(d["structure"], d["sparsity_target"])))
-
-
-def _at(df: pd.DataFrame, structure: str, target: float) -> pd.DataFrame:
-    return df[(df["structure"].astype(str) == structure) & np.isclose(df["sparsity_target"].astype(float), target)]
 
 
 def _ok(df: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -146,7 +139,7 @@ def best_per_config(data: ImpData) -> dict[tuple[str, float], dict]:
     """Per configuration, its finite rows sorted by the metric (lower is better): {"rows", "n", "best"}."""
     ev, out = data.t("evaluation"), {}
     for s, p in configs(data):
-        d = _at(ev[ev["method"].astype(str) != "dense"], s, p)
+        d = at(ev[ev["method"].astype(str) != "dense"], s, p)
         ok = _ok(d, data.metric).sort_values(data.metric, kind="stable")
         out[(s, p)] = {"rows": ok, "n": d["method"].nunique(), "best": str(ok["method"].iloc[0]) if len(ok) else None,
                        "bad": [str(m) for m in d["method"] if str(m) not in set(ok["method"].astype(str))]}
@@ -201,102 +194,52 @@ def grid_rows(data: ImpData) -> list[dict]:
 
 
 def pivot(data: ImpData) -> dict:
-    """The at-a-glance matrix: methods x configurations, each cell the metric and its ratio to dense."""
+    """The at-a-glance matrix: methods x configurations, each cell the metric and its ratio to dense (or None)."""
     cols = configs(data)
-    cells = {(r["method"], r["structure"], r["sparsity"]): r for r in grid_rows(data) if not r["dense"]}
-    rows = []
-    for m in data.methods:
-        row = []
-        for s, p in cols:
-            r = next((c for (mm, ss, pp), c in cells.items() if mm == m and ss == s and math.isclose(pp, p)), None)
-            row.append(r)
-        rows.append({"method": m, "cells": row})
-    return {"columns": [_cfg_label(s, p) for s, p in cols], "rows": rows}
+    cells = {(r["method"], r["structure"], round(r["sparsity"], 6)): r for r in grid_rows(data) if not r["dense"]}
+    rows = [{"method": m, "cells": [cells.get((m, s, round(p, 6))) for s, p in cols]} for m in data.methods]
+    return {"columns": [cfg_label(s, p) for s, p in cols], "rows": rows}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# per layer
-
-
-def overlap_rows(data: ImpData) -> list[dict]:
-    """Per (structure, sparsity, method != magnitude): the share of the method's pruned weights magnitude prunes
-    too, over all layers (weighted by pruned count), what a random mask would reach, and the lowest layer."""
-    lay = data.t("layers")
-    if lay is None or lay.empty or "overlap_magnitude" not in lay:
-        return []
-    labels = layer_labels(lay)
-    out = []
-    for (s, p, m), g in lay.groupby(["structure", "sparsity_target", "method"], sort=False):
-        g = g[g["overlap_magnitude"].notna() & (g["sparsity"] > 0)]
-        if str(m) == "magnitude" or g.empty:
-            continue
-        pruned = (g["sparsity"] * g["numel"]).to_numpy(float)  # weights the method prunes per layer
-        mag = _at(lay[lay["method"].astype(str) == "magnitude"], str(s), float(p)).set_index("layer")["sparsity"]
-        chance = mag.reindex(g["layer"]).to_numpy(float)
-        lo = g.loc[g["overlap_magnitude"].astype(float).idxmin()]
-        out.append({"structure": str(s), "target": float(p), "config": _cfg_label(str(s), float(p)), "method": str(m),
-                    "overlap": float((g["overlap_magnitude"].to_numpy(float) * pruned).sum() / pruned.sum()),
-                    "chance": float(np.nansum(chance * pruned) / pruned.sum()) if np.isfinite(chance).any() else np.nan,
-                    "low_layer": labels.get(str(lo["layer"]), str(lo["layer"])), "low": float(lo["overlap_magnitude"]),
-                    "n_layers": len(g)})
-    return out
-
-
-def allocation_rows(data: ImpData) -> list[dict]:
-    """Configurations whose layers are pruned unevenly: the least and most pruned layer."""
-    lay = data.t("layers")
-    labels = layer_labels(lay)
-    out = []
-    for m, s, p in varying_configs(lay):
-        g = _at(lay[lay["method"].astype(str) == m], s, p)
-        lo, hi = g.loc[g["sparsity"].idxmin()], g.loc[g["sparsity"].idxmax()]
-        out.append({"method": m, "config": _cfg_label(s, p), "lo": fmt_pct(lo["sparsity"]), "hi": fmt_pct(hi["sparsity"]),
-                    "lo_layer": labels.get(str(lo["layer"]), str(lo["layer"])),
-                    "hi_layer": labels.get(str(hi["layer"]), str(hi["layer"])),
-                    "n_zero": int((g["sparsity"] <= 0).sum()), "n_full": int((g["sparsity"] >= 1).sum()), "n": len(g)})
-    return out
-
-
-def score_rows(data: ImpData) -> list[dict]:
-    """Per method: the layers' median scores (median, range), typical 10%/90% and the largest share of zeros."""
-    sc = data.t("scores")
-    if sc is None or sc.empty:
-        return []
-    out = []
-    for m in order(sc["method"].astype(str), data.methods):
-        g = sc[sc["method"].astype(str) == m]
-        med = g["median"].to_numpy(float)
-        spread = float(np.nanmax(med) / np.nanmin(med)) if np.nanmin(med) > 0 else float("nan")
-        out.append({"method": m, "n": len(g), "median": fmt_num(np.nanmedian(med)), "lo": fmt_num(np.nanmin(med)),
-                    "hi": fmt_num(np.nanmax(med)), "q10": fmt_num(g["q10"].median()), "q90": fmt_num(g["q90"].median()),
-                    "spread": fmt_num(spread), "zero": fmt_pct(g["frac_zero"].max()),
-                    "formula": METHOD_INFO.get(m, ("", ""))[0]})
-    return out
+# per layer and per method
 
 
 def neuron_rows(data: ImpData, names: list[str], labels: dict) -> tuple[list[dict], int]:
+    """The top NEURONS_PER_LAYER neurons of each neuron layer in block order (at most MAX_NEURON_ROWS rows), and
+    the number of rows left out."""
     nt = data.t("neurons")
     if nt is None or nt.empty:
         return [], 0
     d = nt[nt["rank"] <= NEURONS_PER_LAYER]
     pos = {n: i for i, n in enumerate(names)}
-    d = d.assign(_o=d["layer"].astype(str).map(lambda n: pos.get(n, len(pos)))).sort_values(["_o", "rank"], kind="stable")
+    d = d.assign(_o=d["layer"].astype(str).map(lambda n: pos.get(n, len(pos))))
+    d = d.sort_values(["_o", "rank"], kind="stable")
     rows = [{"layer": str(r["layer"]), "label": labels.get(str(r["layer"]), str(r["layer"])), "rank": int(r["rank"]),
              "neuron": int(r["neuron"]), "score": fmt_num(r["score"]), "share": fmt_pct(r["share"])}
             for r in d.head(MAX_NEURON_ROWS).to_dict("records")]
     return rows, max(0, len(d) - MAX_NEURON_ROWS)
 
 
-def unlearning_table(data: ImpData) -> dict | None:
-    """unlearning.parquet as formatted rows; the unlearning method closest to Retrain (lowest gap) marked."""
+def _unlearning(data: ImpData) -> tuple[pd.DataFrame | None, str | None]:
+    """unlearning.parquet with a "method" column (`digits_unlearning` indexes by method), and the unlearning
+    method with the lowest gap to Retrain (the original and Retrain themselves excluded)."""
     u = data.t("unlearning")
     if u is None or u.empty:
-        return None
+        return None, None
     if "method" not in u:
         u = u.reset_index().rename(columns={"index": "method"})
-    cols = [c for c in u.columns if c != "method"]
     cand = u[~u["method"].astype(str).isin(["original", "retrain"])] if "gap" in u else u.iloc[:0]
-    best = str(cand.loc[cand["gap"].astype(float).idxmin(), "method"]) if len(cand) and cand["gap"].notna().any() else None
+    cand = cand[cand["gap"].astype(float).notna()] if len(cand) else cand
+    return u, (str(cand.loc[cand["gap"].astype(float).idxmin(), "method"]) if len(cand) else None)
+
+
+def unlearning_table(data: ImpData) -> dict | None:
+    """unlearning.parquet as formatted rows; the unlearning method closest to Retrain (lowest gap) marked."""
+    u, best = _unlearning(data)
+    if u is None:
+        return None
+    cols = [c for c in u.columns if c != "method"]
     rows = [{"method": str(r["method"]), "best": str(r["method"]) == best,
              "cells": [fmt_num(r[c]) if isinstance(r[c], (int, float, np.number)) else str(r[c]) for c in cols]}
             for r in u.to_dict("records")]
@@ -349,7 +292,7 @@ def importance_findings(data: ImpData) -> list[dict]:
     out = [{"title": f"Pruning: {len(best)} configuration{'s' if len(best) != 1 else ''} of {len(data.methods)} "
                      f"methods, scored on {n_cal} calibration examples ({data.label}, lower is better)",
             "lines": head}]
-    ov = overlap_rows(data)
+    ov = overlap_summary(data.t("layers"))
     if ov:
         lines = []
         for cfg in dict.fromkeys(r["config"] for r in ov):
@@ -358,19 +301,18 @@ def importance_findings(data: ImpData) -> list[dict]:
             lines.append(f"{cfg}: share of the pruned weights that magnitude prunes too: {parts} "
                          f"(a random mask: {fmt_pct(rs[0]['chance'])}).")
         out.append({"title": "Where the methods prune other weights than magnitude", "lines": lines})
-    al = allocation_rows(data)
+    al = allocation_summary(data.t("layers"))
     if al:
         out.append({"title": "Uneven per-layer sparsity", "lines": [
             f"{r['method']} at {r['config']}: pruned fraction from {r['lo']} ({r['lo_layer']}) to {r['hi']} "
             f"({r['hi_layer']})" + (f"; {r['n_full']} of {r['n']} layers pruned ENTIRELY" if r["n_full"] else "") + "."
             for r in al[:8]]})
-    ut = unlearning_table(data)
-    if ut and ut["best"]:
-        u = data.t("unlearning")
-        u = u if "method" in u else u.reset_index().rename(columns={"index": "method"})
-        parts = ", ".join(f"{m} {fmt_num(g)}" for m, g in zip(u["method"], u["gap"]) if m not in ("original", "retrain"))
+    u, best = _unlearning(data)
+    if best is not None:
+        parts = ", ".join(f"{m} {fmt_num(g)}" for m, g in zip(u["method"], u["gap"])
+                          if m not in ("original", "retrain"))
         out.append({"title": "Unlearning", "lines": [f"Gap to Retrain (mean |Δ| of UA, RA, TA, MIA; lower is closer): "
-                                                      f"{parts}; closest: {ut['best']}."]})
+                                                      f"{parts}; closest: {best}."]})
     return out
 
 
@@ -383,16 +325,19 @@ def run_findings(run_dir: Path | str) -> list[dict]:
 # page and terminal
 
 
+def _txt(v) -> str:
+    return "" if isnan(v) else str(v)
+
+
 def _examples(data: ImpData) -> tuple[list[dict], int]:
+    """The first MAX_EXAMPLES calibration examples (user text: escaped by the template) and their number."""
     ex = data.t("examples")
     if ex is None or ex.empty:
         return [], 0
-    def txt(v):
-        return "" if isnan(v) else str(v)
-    rows = [{"idx": fmt_int(r.get("idx")), "id": txt(r.get("id")), "group": txt(r.get("group")),
-             "status": txt(r.get("status")), "reason": txt(r.get("reason")), "loss": fmt_num(r.get("loss")),
-             "tokens": fmt_int(r.get("n_tokens")), "prompt": clip_text(txt(r.get("prompt"))),
-             "response": clip_text(txt(r.get("response"))), "source": txt(r.get("source"))}
+    rows = [{"idx": fmt_int(r.get("idx")), "id": _txt(r.get("id")), "group": _txt(r.get("group")),
+             "status": _txt(r.get("status")), "reason": _txt(r.get("reason")), "loss": fmt_num(r.get("loss")),
+             "tokens": fmt_int(r.get("n_tokens")), "prompt": clip_text(_txt(r.get("prompt"))),
+             "response": clip_text(_txt(r.get("response"))), "source": _txt(r.get("source"))}
             for r in ex.head(MAX_EXAMPLES).to_dict("records")]
     return rows, len(ex)
 
@@ -404,16 +349,15 @@ def build_context(data: ImpData) -> dict:
     pref = [x.get("name") if isinstance(x, dict) else str(x) for x in (man.get("model") or {}).get("layers", [])]
     names, labels = layer_order(pref, lay, sc, nt), layer_labels(lay, sc, nt)
     colors = method_colors(data.methods)
-    ev = data.t("evaluation")
-    calib = {}
-    if ev is not None:
+    ev, cfg, calib = data.t("evaluation"), data.cfg, {}
+    if ev is not None and "calibration" in ev:  # protocol -> the methods calibrated that way
         for m, c in zip(ev["method"].astype(str), ev["calibration"].astype(str)):
-            if m != "dense":
-                calib.setdefault(c, []).append(m)
+            if m != "dense" and m not in calib.setdefault(c, []):
+                calib[c].append(m)
     examples, n_examples = _examples(data)
     neurons, n_omitted = neuron_rows(data, names, labels)
-    ov = overlap_rows(data)
-    cfg = data.cfg
+    ov = [dict(r, overlap_s=fmt_pct(r["overlap"]), chance_s=fmt_pct(r["chance"]), low_s=fmt_pct(r["low"]))
+          for r in overlap_summary(lay)]
     return {
         **run_context(man, data.run_dir),
         "title": f"gradsight importance report: {(man.get('model') or {}).get('id') or data.run_dir.name}",
@@ -421,17 +365,16 @@ def build_context(data: ImpData) -> dict:
         "findings": importance_findings(data), "is_lm": data.is_lm, "label": data.label, "has_acc": data.has_acc,
         "info": data.info, "in_sample": bool(data.info.get("in_sample")), "eval_data": cfg.get("eval_data"),
         "dense": {"value": fmt_num(data.dense.get(data.metric)), "tokens": fmt_int(data.dense.get("n_tokens"))},
-        "calibration": {k: list(dict.fromkeys(v)) for k, v in calib.items()}, "alpha": fmt_num(cfg.get("alpha")),
+        "calibration": calib, "alpha": fmt_num(cfg.get("alpha")),
         "group": cfg.get("group", "auto"), "seqlen": cfg.get("seqlen"), "groups": GROUPS,
         "methods": [{"method": m, "formula": METHOD_INFO.get(m, ("", ""))[0], "ref": METHOD_INFO.get(m, ("", ""))[1],
                      "color": colors[m]} for m in data.methods],
         "grid": grid_rows(data), "pivot": pivot(data), "not_finite": NOT_FINITE,
-        "allocation": allocation_rows(data), "overlap": [dict(r, overlap_s=fmt_pct(r["overlap"]),
-                                                              chance_s=fmt_pct(r["chance"]), low_s=fmt_pct(r["low"]))
-                                                         for r in ov],
+        "allocation": allocation_summary(lay), "overlap": ov,
         "mean_overlap": fmt_pct(np.mean([r["overlap"] for r in ov])) if ov else "n/a",
         "mean_chance": fmt_pct(np.nanmean([r["chance"] for r in ov])) if ov else "n/a",
-        "scores": score_rows(data), "neurons": neurons, "neurons_omitted": n_omitted,
+        "scores": score_summary(sc, data.methods, {m: v[0] for m, v in METHOD_INFO.items()}),
+        "neurons": neurons, "neurons_omitted": n_omitted,
         "neurons_per_layer": NEURONS_PER_LAYER, "unlearning": unlearning_table(data),
         "examples": examples, "n_examples": n_examples, "max_examples": MAX_EXAMPLES,
         "skips": skip_reason_counts(data.t("examples")),
