@@ -20,6 +20,7 @@ from . import env as env_cmd
 from . import lds as lds_cmd
 from . import report as report_cmd
 from . import select as select_cmd
+from . import unlearn as unlearn_cmd
 from .common import friendly_errors, print_summary_on_main
 from .options import command_parameters, config_parameters, parse, with_signature
 
@@ -72,6 +73,7 @@ def build_app() -> typer.Typer:
     app.command("select")(select_cmd.select)
     app.command("env")(env_cmd.env)
     app.command("lds")(lds_cmd.lds)
+    app.command("unlearn")(unlearn_cmd.unlearn)
     return app
 
 
