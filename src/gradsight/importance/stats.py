@@ -108,10 +108,13 @@ def accumulate(stats: dict[str, LayerStats], grads: Mapping[str, FactoredGrad], 
         rows = keep if keep is not None else list(range(g.batch_size))
         if not rows:
             continue
-        idx = torch.tensor(rows, dtype=torch.long)
-        tok = g.tokens[idx]
-        A = g.masked(g.A)[idx].to(st.sq_in.dtype)  # (B, T, d_in), padding zeroed
-        G = g.masked(g.G)[idx].to(st.sq_in.dtype)  # (B, T, d_out)
+        A, G, tok = g.A, g.G, g.tokens
+        if len(rows) < g.batch_size:  # flagged examples: drop them (their rows are zeroed, but not counted)
+            idx = torch.tensor(rows, dtype=torch.long, device=A.device)
+            A, G, tok = A[idx], G[idx], tok[idx]
+        if not bool(tok.all()):  # padding: zero the padded positions (no copy when there is none)
+            A, G = A * tok.unsqueeze(-1).to(A.dtype), G * tok.unsqueeze(-1).to(G.dtype)
+        A, G = A.to(st.sq_in.dtype), G.to(st.sq_in.dtype)  # (B, T, d_in), (B, T, d_out)
         st.n_seq += len(rows)
         st.n_tok += int(tok.sum())
         st.sq_in += A.pow(2).sum((0, 1))
@@ -134,15 +137,14 @@ def _add_gradient_sums(st: LayerStats, A: torch.Tensor, G: torch.Tensor, module:
         if st.g_sq is not None:
             st.g_sq += g.pow(2).T @ a.pow(2)
         return
-    # per-example gradients in chunks of examples: (b, d_out, d_in) at most ~64M entries at a time
-    d_out, d_in = G.shape[-1], A.shape[-1]
-    step = max(1, (1 << 26) // max(1, d_out * d_in))
-    for s in range(0, A.shape[0], step):
-        Ge = torch.bmm(G[s:s + step].transpose(1, 2), A[s:s + step])  # (b, d_out, d_in)
+    # per-example gradients one example at a time: G_e = sum_t g_t a_t^T, (d_out, d_in), the cost of the weight
+    # gradient itself; never a (B, d_out, d_in) stack, the square is accumulated in place
+    for e in range(A.shape[0]):
+        Ge = G[e].T @ A[e]  # (d_out, d_in)
         if st.g_sum is not None:
-            st.g_sum += Ge.sum(0)
+            st.g_sum += Ge
         if st.g_sq is not None:
-            st.g_sq += Ge.pow(2).sum(0)
+            st.g_sq.addcmul_(Ge, Ge)
 
 
 def calibration_stats(model: nn.Module, batches: Iterable, layers: Mapping[str, nn.Module],

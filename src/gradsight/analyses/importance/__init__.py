@@ -32,6 +32,12 @@ def _identity(cfg, source, plan) -> dict:
     from ...inputs.data import fingerprint
 
     if source.kind == "lm":
+        if cfg.eval_data and cfg.eval_data.startswith("builtin:"):
+            import hashlib
+
+            from ...importance.text import sample_text
+
+            return {"eval_sha256": hashlib.sha256(sample_text(cfg.eval_data[8:]).encode()).hexdigest()}
         return {"eval_sha256": fingerprint(cfg.eval_data) if cfg.eval_data else ""}
     from ...inputs.module import data_hash
 

@@ -50,8 +50,9 @@ class ImportanceConfig:
     sequential: bool = option(True, "calibrate Wanda / GBLM / SparseGPT layer by layer on the outputs of the "
                                     "already pruned blocks (the references' protocol; decoder LMs only)")
     seqlen: int = option(256, "sequential calibration: window length (tokens) cut from the calibration data")
-    eval_data: str | None = option(None, "held-out records for the perplexity (.jsonl or a saved dataset; default: "
-                                         "the calibration data, flagged in-sample)")
+    eval_data: str | None = option(None, "held-out records for the perplexity (.jsonl or a saved dataset, or "
+                                         "builtin:heldout = the shipped held-out text; default: the calibration "
+                                         "data, flagged in-sample)")
     neuron_layers: str = option(r"(mlp\.down_proj|output\.dense|fc2|c_proj)$",
                                 "regex of the layers whose INPUTS are MLP neurons (neuron masks)")
     save_scores: bool = option(True, "write each method's per-weight scores (scores/METHOD.safetensors)",
@@ -89,6 +90,12 @@ class ImportanceConfig:
         check_positive(self, "seqlen", minimum=2)
         check_positive(self, "batches_per_shard")
         check_choices(self)
+        if self.eval_data and self.eval_data.startswith("builtin:"):
+            from ...importance.text import SAMPLES
+
+            if self.eval_data[8:] not in SAMPLES:
+                raise ValueError(f"--eval-data {self.eval_data!r}: the built-in samples are "
+                                 f"{', '.join('builtin:' + k for k in SAMPLES)}")
         if self.save_model is not None:
             parse_save_model(self.save_model, self)
 

@@ -178,7 +178,12 @@ def _eval_encoded(st: ImpState):
     """Encoded evaluation examples of an LM run and whether they are the calibration data (in-sample)."""
     from ...inputs.data import encode, load_records
 
-    if st.cfg.eval_data:
+    if st.cfg.eval_data and st.cfg.eval_data.startswith("builtin:"):
+        from ...importance.text import sample_text, text_records
+
+        recs, _ = load_records(text_records(sample_text(st.cfg.eval_data[8:]), group=st.cfg.eval_data[8:]))
+        in_sample = False
+    elif st.cfg.eval_data:
         recs, _ = load_records(st.cfg.eval_data, split=st.cfg.split, on_bad=st.cfg.on_bad)
         in_sample = False
     else:
