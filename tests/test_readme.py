@@ -55,6 +55,11 @@ def test_python_examples_run(tmp_path, monkeypatch):
     assert S.shape == (1000, 20) and (tmp_path / "runs" / "digits-attr" / "report.html").exists()
     top1 = attr.top[(attr.top["method"] == "ekfac") & (attr.top["side"] == "proponent") & (attr.top["rank"] == 1)]
     assert top1.sort_values("query")["train"].tolist() == S.argmax(0).tolist()
+    # importance: every configuration evaluated, the page written; SalUn forgets class 3 as Retrain does
+    ev = ns["imp"].evaluation
+    assert len(ev) == 1 + 4 * 3 and ev["finite"].all() and (tmp_path / "runs" / "digits-prune" / "report.html").exists()
+    f = ns["forget"]
+    assert f.loc["retrain", "FA"] == 0.0 and f.loc["salun", "FA"] < f.loc["original", "FA"]
 
 
 def test_documented_commands_parse():

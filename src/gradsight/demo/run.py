@@ -50,7 +50,7 @@ from .problems import demo_records, geometry_records
 __all__ = ["demo_config", "run_demo", "run_geometry_demo", "run_curvature_demo", "TourRun", "tour_plan",
            "run_tour", "check_demo_out", "TOUR_PROBLEMS", "TOUR_GEOMETRY_PROBLEMS", "TOUR_CURVATURE_PROBLEMS", "TOUR_BLOCKS",
            "TOUR_CURVATURE_EXAMPLES", "TOUR_GEOMETRY_KINDS", "TOUR_ATTRIBUTION_PROBLEMS", "attribution_records",
-           "run_attribution_demo"]
+           "run_attribution_demo", "run_importance_demo", "TOUR_IMPORTANCE_RECORDS"]
 
 NET = "digits MLP 64-32-32-10 (seed 0)"
 LM = "smollm2-135m-instruct"
@@ -60,6 +60,7 @@ TOUR_CURVATURE_PROBLEMS = 1  # SmolLM2 curvature: problems x {fast, slow, wrong}
 TOUR_CURVATURE_EXAMPLES = 1  # ... of which the first response only (each Hessian product is ~3 fwd/bwd passes)
 TOUR_GEOMETRY_KINDS = ("q", "v", "down")  # geometry: the layer kinds of the tour (every block)
 TOUR_BLOCKS = "0,-1"  # SmolLM2 curvature: the first and the last transformer block
+TOUR_IMPORTANCE_RECORDS = 12  # importance: ~1000-character chunks of the shipped calibration text
 TOUR_ATTRIBUTION_PROBLEMS = 6  # attribution: problems x {fast, slow} training records, their "wrong" as queries
 LANDSCAPES = ("digits-hessian-plane", "digits-random-plane", "digits-interpolation")
 TOUR_INTRO = ("The gradsight demo tour: every analysis once, on a small sample (the Data column gives each run's "
@@ -119,6 +120,24 @@ def run_attribution_demo(out: str | Path = "runs/demo/attribution", n_problems: 
                 encode=EncodeOptions(max_length=512), token_budget=2048, methods=("ekfac", "trak", "grad_cos"))
     base.update(overrides)
     return run_attribution(AttributionConfig(**base), out, progress=progress, records=train)
+
+
+def run_importance_demo(out: str | Path = "runs/demo/importance", model: str = LM, progress: bool = True,
+                        n_records: int = TOUR_IMPORTANCE_RECORDS, **overrides):
+    """The importance part of the demo: SmolLM2 pruned to 50% (unstructured and 2:4) by magnitude, Wanda and
+    GBLM, calibrated on chunks of the shipped calibration text and evaluated by perplexity on the shipped held-out
+    text (every token supervised). Returns the ImportanceResult."""
+    from ..analyses.importance import ImportanceConfig, run_importance
+    from ..importance.text import sample_text, text_records
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    records = text_records(sample_text("calibration"), chars=1000, group="calibration")[:n_records]
+    base = dict(model=model, data=f"builtin:importance-calibration-{n_records}", eval_data="builtin:heldout",
+                encode=EncodeOptions(max_length=256, loss_on="all", chat="never"), attn_implementation="eager",
+                methods=("magnitude", "wanda", "gblm"), structures=("unstructured", "2:4"), sparsities=(0.5,),
+                save_scores=False, token_budget=2048, max_batch=4)
+    base.update(overrides)
+    return run_importance(ImportanceConfig(**base), out, progress=progress, records=records)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,12 +234,13 @@ def tour_plan(model: str = LM, n_problems: int = TOUR_PROBLEMS, geometry: bool =
               geometry_problems: int = TOUR_GEOMETRY_PROBLEMS, curvature: bool = True,
               curvature_problems: int = TOUR_CURVATURE_PROBLEMS, blocks: str = TOUR_BLOCKS,
               curvature_examples: int | None = TOUR_CURVATURE_EXAMPLES, train: bool = True,
-              attribution: bool = True, attribution_problems: int = TOUR_ATTRIBUTION_PROBLEMS) -> list[TourRun]:
+              attribution: bool = True, attribution_problems: int = TOUR_ATTRIBUTION_PROBLEMS,
+              importance: bool = True) -> list[TourRun]:
     """The runs of the tour in order (nothing is loaded or run here; see the module docstring).
 
     geometry=False leaves out the geometry run; curvature=False the curvature and landscape runs (as
     ``--no-geometry`` and ``--no-curvature`` do in the full demo); train=False the fine-tuning run;
-    attribution=False the attribution run. `model` is
+    attribution=False the attribution run; importance=False the pruning run. `model` is
     used by every language-model run (layers, geometry, fine-tuning, SmolLM2 curvature); `blocks` selects the
     blocks of the SmolLM2 curvature run and `curvature_examples` caps its responses (None: all of its problems'
     three).
@@ -238,6 +258,11 @@ def tour_plan(model: str = LM, n_problems: int = TOUR_PROBLEMS, geometry: bool =
                             "attributed to the fast and slow answers (EK-FAC, TRAK, cosine), every linear layer",
                             lambda root, p: run_attribution_demo(root / "attribution", attribution_problems, model,
                                                                  p).path))
+    if importance:
+        plan.append(TourRun("importance", "importance", model, f"{TOUR_IMPORTANCE_RECORDS} chunks of the shipped "
+                            "calibration text: every linear layer pruned to 50% (unstructured, 2:4) by magnitude, "
+                            "Wanda and GBLM; perplexity on the held-out text",
+                            lambda root, p: run_importance_demo(root / "importance", model, p).path))
     if train:
         from .train import TRAIN_BATCH, TRAIN_BLOCKS, TRAIN_PROBLEMS, TRAIN_STEPS, fine_tune
 
@@ -269,7 +294,8 @@ def run_tour(out: str | Path = "runs/demo", *, model: str = LM, n_problems: int 
              geometry: bool = True, geometry_problems: int = TOUR_GEOMETRY_PROBLEMS, train: bool = True,
              curvature: bool = True, curvature_problems: int = TOUR_CURVATURE_PROBLEMS, blocks: str = TOUR_BLOCKS,
              curvature_examples: int | None = TOUR_CURVATURE_EXAMPLES, progress: bool = True,
-             after: Callable[[TourRun, Path], None] | None = None, attribution: bool = True) -> dict:
+             after: Callable[[TourRun, Path], None] | None = None, attribution: bool = True,
+             importance: bool = True) -> dict:
     """Make every run of `tour_plan` under `out`, then OUT/index.html.
 
     A run directory that already holds the same run is reused (the engine resumes it; a finished run costs
@@ -286,7 +312,7 @@ def run_tour(out: str | Path = "runs/demo", *, model: str = LM, n_problems: int 
     t0 = time.perf_counter()
     runs: dict = {}
     for step in tour_plan(model, n_problems, geometry, geometry_problems, curvature, curvature_problems, blocks,
-                          curvature_examples, train=train, attribution=attribution):
+                          curvature_examples, train=train, attribution=attribution, importance=importance):
         runs[step.name] = step.run(out, progress)
         if after is not None:
             after(step, runs[step.name])
