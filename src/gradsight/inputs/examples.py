@@ -19,11 +19,12 @@ import torch
 
 from ..measures.step import Step, backward_step
 from ..runs.registry import Unit
-from .lm import Source, batch_cost, batches_of, collate_units
+from .lm import Source, bad_record_row, batch_cost, batches_of, collate_units, example_row
 from .losses import loss_fn_for
 from .module import batch_rows, module_rows, row_batches, row_losses, take_rows
 
-__all__ = ["example_units", "example_batches", "example_step", "example_losses", "unit_group", "layer_modules"]
+__all__ = ["example_units", "example_batches", "example_step", "example_losses", "unit_group", "layer_modules",
+           "unit_row"]
 
 
 def example_units(source: Source, entries: Iterable[tuple[Any, Any, Any]] = (), bad: Iterable[tuple[Any, dict]] = ()
@@ -90,3 +91,18 @@ def unit_group(u: Unit) -> str:
         return u.payload["group"]
     item = u.payload[0]
     return item.record.group if hasattr(item, "record") else item.group
+
+
+def unit_row(payload: Any, key: Any, status: str, reason: str, loss: float) -> dict:
+    """The examples-table row of an example unit (its `example_units` payload): a module row's metadata, a bad
+    record's flagged row, or a record's row with its encoding; `idx` is the unit key. A unit flagged before
+    compute (a skipped encoding or a bad record) keeps its own status and reason."""
+    if isinstance(payload, dict):  # a module row
+        base = dict(payload["row_meta"])
+    elif payload[1] is None:  # a record that failed to parse
+        base = bad_record_row(payload[0])
+    else:
+        base = example_row(payload[0], payload[1], status, reason, loss)
+    base.update(idx=key, status=status if base.get("status") != "skipped" else base["status"],
+                reason=reason or base.get("reason", ""), loss=float(loss))
+    return base

@@ -27,8 +27,8 @@ import torch
 
 from ...attribution.features import Featurizer
 from ...inputs.data import encode, load_records
-from ...inputs.examples import example_batches, example_step, example_units, layer_modules
-from ...inputs.lm import Source, bad_record_row, example_row
+from ...inputs.examples import example_batches, example_step, example_units, layer_modules, unit_row
+from ...inputs.lm import Source
 from ...inputs.losses import loss_fn_for
 from ...inputs.module import row_losses
 from ...runs.registry import Plan, Unit
@@ -214,14 +214,8 @@ def restore(st: AttrState) -> None:
 def _row(st: AttrState, u: Unit, status: str, reason: str, loss: float, sq: float) -> dict:
     p = u.payload
     inner = p["inner"]
-    if isinstance(inner, dict):  # a module row
-        base = dict(inner["row_meta"])
-    elif inner[1] is None:  # a record that failed to parse
-        base = bad_record_row(inner[0])
-    else:
-        base = example_row(inner[0], inner[1], status, reason, loss)
-    base.update(idx=u.key, status=status if base.get("status") != "skipped" else base["status"],
-                reason=reason or base.get("reason", ""), loss=float(loss), set=p["set"], example=p["i"],
+    base = unit_row(inner, u.key, status, reason, loss)
+    base.update(set=p["set"], example=p["i"],
                 checkpoint=p["k"], record_idx=int(inner["row_meta"]["idx"]) if isinstance(inner, dict)
                 else int(inner[0].idx if inner[1] is not None else inner[0]["idx"]), sq_norm=float(sq))
     return base

@@ -19,8 +19,8 @@ import torch
 
 from ...importance.stats import accumulate, new_stats, to_tensors
 from ...inputs.data import encode
-from ...inputs.examples import example_batches, example_step, example_units, layer_modules
-from ...inputs.lm import Source, bad_record_row, example_row
+from ...inputs.examples import example_batches, example_step, example_units, layer_modules, unit_row
+from ...inputs.lm import Source
 from ...inputs.losses import loss_fn_for
 from ...inputs.module import row_losses
 from ...runs.registry import Plan, Unit
@@ -119,16 +119,7 @@ def _chunks(st: ImpState):
 
 
 def _row(st: ImpState, u: Unit, status: str, reason: str, loss: float) -> dict:
-    p = u.payload
-    if isinstance(p, dict):  # a module row
-        base = dict(p["row_meta"])
-    elif p[1] is None:  # a record that failed to parse
-        base = bad_record_row(p[0])
-    else:
-        base = example_row(p[0], p[1], status, reason, loss)
-    base.update(idx=u.key, status=status if base.get("status") != "skipped" else base["status"],
-                reason=reason or base.get("reason", ""), loss=float(loss))
-    return base
+    return unit_row(u.payload, u.key, status, reason, loss)
 
 
 def compute(plan: Plan, units: list[Unit]) -> dict[str, Any]:
