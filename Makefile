@@ -65,6 +65,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/attribution.py
 	$(BIN)/python benchmarks/attribution_store.py
 	$(BIN)/python benchmarks/attribution_lm.py
+	$(BIN)/python benchmarks/importance.py --part all
+	$(BIN)/python benchmarks/gaprune.py
+	$(BIN)/python benchmarks/unlearning.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
