@@ -191,8 +191,12 @@ def write_markdown(path: Path, res: dict) -> None:
     runs = sorted(res["runs"], key=lambda r: (c["structures"].index(r["structure"]), order[r["method"]]))
     for r in runs:
         re_ = "n/a" if r["recon_err_mean"] is None else f"{r['recon_err_mean']:.4f}"
+        busy = " *" if r["prune_foreign_load"] >= run.QUIET else ""  # timed while other processes ran
         lines.append(f"| {r['method']} | {r['structure']} | {r['ppl']:.2f} | {r['ppl'] / dense:.2f} "
-                     f"| {r['prune_seconds']:.1f} | {re_} |")
+                     f"| {r['prune_seconds']:.1f}{busy} | {re_} |")
+    if any(r["prune_foreign_load"] >= run.QUIET for r in runs):
+        lines += ["", f"\\* timed while other processes kept >= {run.QUIET} cores busy (a slower wall clock; "
+                  "the perplexity is unaffected)."]
     lines += ["", "Orderings (expected dense < GBLM <= Wanda <= magnitude):", ""]
     for s, o in res["orderings"].items():
         lines.append(f"- {s}: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in o["checks"].items())
