@@ -13,7 +13,8 @@ Cost: GBLM = its gradient pass (`stats.calibration_stats(want=("g_sq",))`: per-e
 token-mean CE, batches of 4 sequences, on the dense model) + the same sequential pass as Wanda. The physical
 reference is Wanda's sequential pass + one plain forward+backward over the calibration set (same loss, same
 batches, weight gradients of the 210 pruned layers only, no hooks). Goal: gblm_total / (wanda + plain) <= 1.02.
-Timings wait (up to --max-wait s) for a quiet machine and record the foreign load (benchmarks/run.py `timed`).
+Both are warmed up on one batch first (untimed). Timings wait (up to --max-wait s) for a quiet machine and
+record the foreign load (benchmarks/run.py `timed`).
 
 The whole grid takes ~30 min on 2 cores here (8k-token evaluations ~1 min each, a sequential calibrated pass
 2-4 min), so it is split into parts of <= 15 min whose results merge into the same files (g_sq is cached in the
@@ -321,6 +322,8 @@ def main() -> None:
         log(f"dense ppl {res['dense']['ppl']:.3f}")
     g_sq = None
     if any(PARTS[p].get("cost") for p in parts):
+        plain_backward(pristine, batches[:1], modules)  # untimed warm-ups on one batch: first-call allocations
+        gradient_pass(pristine, batches[:1], modules)  # cost +30% (plain) / +60% (gradient pass) otherwise
         s_plain, _ = timed(lambda: plain_backward(pristine, batches, modules))
         log(f"plain forward+backward over the calibration set: {s_plain.seconds:.1f} s")
         g_sq, s_grad = load_g_sq(pristine, batches, modules, cfg, timed_run=True)
