@@ -30,7 +30,7 @@ import pandas as pd
 
 __all__ = ["SCHEMA_VERSION", "RunStore", "RunMismatchError", "check_run_dir", "Layout", "Tensors", "atomic_write_bytes",
            "atomic_write_text", "write_parquet", "write_safetensors", "read_manifest", "read_layer_stats",
-           "read_examples", "read_features", "merge_shards", "concat_tables", "versions", "EXAMPLE_COLUMNS"]
+           "read_examples", "read_features", "read_shards", "merge_shards", "concat_tables", "versions", "EXAMPLE_COLUMNS"]
 
 SCHEMA_VERSION = 2
 _RANK_KEY = re.compile(r"^r(\d+)-(\d+)$")
@@ -208,6 +208,11 @@ def _read_dir(d: Path) -> pd.DataFrame | None:
     if not files:
         return None
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def read_shards(run: Path, table: str) -> pd.DataFrame | None:
+    """Every committed shard of a table (all ranks, in rank-then-key order), or None when it has none."""
+    return _read_dir(Path(run) / table)
 
 
 def read_layer_stats(run: Path) -> pd.DataFrame:
