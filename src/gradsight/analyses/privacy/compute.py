@@ -40,6 +40,7 @@ __all__ = ["setup", "compute", "PrivState", "COLUMNS", "usable_examples"]
 COLUMNS = {"unit": 0, "batch_size": 0, "batch": 0, "defence": "", "noise_multiplier": math.nan,
            "clip_norm": math.nan, "probe": "", "projection": 0, "psnr": math.nan, "cosine": math.nan,
            "label_acc": math.nan, "precision": math.nan, "recall": math.nan, "f1": math.nan, "exact": math.nan,
+           "rouge1": math.nan, "rouge2": math.nan,
            "n_true": 0, "n_found": 0, "sample": "", "truth": ""}
 
 

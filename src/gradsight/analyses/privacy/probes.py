@@ -162,9 +162,39 @@ def audit_batch(st: PrivState, u: Unit) -> tuple[list[dict], dict]:
             else:
                 pred = embedding_token_set(lk)
             rows.append({**d, "probe": "tokens", **_token_row(set(pred.tolist()), true_ids, src.tokenizer)})
+            if "tag" in cfg.attacks and B <= 8:
+                rows.append({**d, **_tag_row(st, view, batch, pred)})
     if "store" in cfg.probes:
         rows += _store_rows(st, base, batch, rec, first, lm)
     return rows, tensors
+
+
+def _tag_row(st: PrivState, view: dict, batch: dict, bag: torch.Tensor) -> dict:
+    """The TAG-like attack (`privacy.text.tag_attack`) on the defended gradient, its final projection restricted
+    to the recovered bag of words (LAMP), scored by ROUGE-1/2 F1 and exact recovery of the real tokens of each
+    sequence (Hungarian pairing). The attacker models the loss on every position, labels read off its estimate."""
+    from scipy.optimize import linear_sum_assignment
+
+    from ...privacy.metrics import rouge_n
+    from ...privacy.text import tag_attack
+
+    cfg, tok = st.cfg, st.source.tokenizer
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    true = [ids[i][mask[i]].tolist() for i in range(ids.shape[0])]
+    cands = bag if bag.numel() else None
+    pred = tag_attack(st.source.model, {n: g.detach() for n, g in view.items()}, int(ids.shape[1]),
+                      int(ids.shape[0]), iters=cfg.attack_iters, candidates=cands, seed=cfg.seed)
+    P = [pred[i][: len(max(true, key=len))].tolist() for i in range(pred.shape[0])]
+    gain = [[rouge_n(p[: len(q)], q, 1)["f1"] + rouge_n(p[: len(q)], q, 2)["f1"] for q in true] for p in P]
+    r, c = linear_sum_assignment(-torch.tensor(gain).numpy())
+    pairs = list(zip(r.tolist(), c.tolist()))
+    r1 = sum(rouge_n(P[i][: len(true[j])], true[j], 1)["f1"] for i, j in pairs) / len(true)
+    r2 = sum(rouge_n(P[i][: len(true[j])], true[j], 2)["f1"] for i, j in pairs) / len(true)
+    exact = sum(P[i][: len(true[j])] == true[j] for i, j in pairs) / len(true)
+    text = (lambda x: tok.decode(x) if tok is not None else " ".join(map(str, x)))
+    i0, j0 = pairs[0]
+    return {"probe": "tag", "rouge1": r1, "rouge2": r2, "exact": exact, "n_true": len(true), "n_found": len(P),
+            "sample": text(P[i0][: len(true[j0])])[:300], "truth": text(true[j0])[:300]}
 
 
 def _module_probes(st, d, view, rec, first, last, batch, B, tensors, key, spec) -> list[dict]:

@@ -1,8 +1,8 @@
 """The privacy run's final tables (from the shards and the manifest only; `gradsight report` reruns this).
 
     RUN/recovery.parquet   one row per (audited batch, defence, probe): psnr, cosine, exact, label_acc,
-                           precision / recall / f1 of the token set, n_true, n_found, sample (what was
-                           recovered, text) and truth; defence "stored" rows are the stored-artefact probe
+                           precision / recall / f1 of the token set, rouge1 / rouge2 (TAG), n_true,
+                           n_found, sample (what was recovered, text) and truth; defence "stored" rows are the stored-artefact probe
     RUN/curves.parquet     recovery per (probe, defence, batch size, projection): mean and sd of each metric
                            over the audited batches
     RUN/defences.parquet   each defence: noise multiplier, clip norm (median over batches), and for dp:SIGMA the
@@ -26,7 +26,7 @@ from .config import parse_defence
 
 __all__ = ["summarize", "finish", "result", "PrivacyResult", "curves", "defences_table", "METRICS"]
 
-METRICS = ("psnr", "cosine", "exact", "label_acc", "precision", "recall", "f1")
+METRICS = ("psnr", "cosine", "exact", "label_acc", "precision", "recall", "f1", "rouge1", "rouge2")
 OUT_TABLES = ("recovery", "curves", "defences")
 
 
