@@ -19,6 +19,8 @@ install: $(STAMP)
 # pytorch-optimizer --no-deps (they declare open torch ranges; their other dependencies are already here).
 # The attribution peers (TRAK's traker, Kronfluence, dattri) --no-deps with the small packages they import
 # (kronfluence declares the vision companion package of torch but never imports it; --no-deps keeps it out).
+# Opacus --no-deps: the privacy audit's epsilon comes from its maintained accountants (RDP, PRV, GDP), and the tests
+# compare gradsight's ghost clipping with its GradSampleModule (its dependencies numpy, scipy, opt-einsum are here).
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
@@ -31,6 +33,7 @@ $(STAMP): pyproject.toml Makefile
 	  "pytorch-optimizer==4.1.0" "quadprog==0.1.14"
 	$(BIN)/python -m pip install -q --no-deps "traker==0.3.2" "kronfluence==1.0.1" "dattri==0.3.0" "einconv==0.1.0" \
 	  "einops==0.8.2" "opt-einsum==3.4.0"
+	$(BIN)/python -m pip install -q --no-deps "opacus==1.6.0"
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
@@ -68,6 +71,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/importance.py --part all
 	$(BIN)/python benchmarks/gaprune.py
 	$(BIN)/python benchmarks/unlearning.py
+	$(BIN)/python benchmarks/privacy_dpsgd.py
+	$(BIN)/python benchmarks/privacy_attacks.py
+	$(BIN)/python benchmarks/privacy_text.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -5,7 +5,8 @@
     >>> w = gt.wrap(torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-6, weight_decay=0.0), tx, model)
 
 Modules: `base` (protocol, combinators, wrap), `clipping` (global / per-layer / AGC clipping, normalisation,
-trust ratio, noise, ⊥Grad), `spam` (SPAM and Stable-SPAM pieces, optimizer-coupled), `conflict` (multi-task
+trust ratio, noise, ⊥Grad), `spam` (SPAM and Stable-SPAM pieces, optimizer-coupled), `privacy` (DP noise on a
+clipped sum, gradient pruning, top-k, random masks, quantisation), `conflict` (multi-task
 aggregators).
 """
 
@@ -13,6 +14,7 @@ from .base import (Context, GradientTransform, Wrapped, apply_if_finite, chain, 
                    named_chain, partition, replace_where_, reset_state, snapshot, stateless, tensor_norms, wrap)
 from .clipping import (adaptive_grad_clip, add_noise, clip_by_global_norm, clip_per_layer, noise_std,
                        normalize_per_layer, orthograd, trust_ratio, unitwise_norm)
+from .privacy import dp_noise, prune_gradients, quantize, random_mask, top_k
 from .spam import ada_clip, ada_norm, momentum_reset, spam, spam_clip, stable_spam, warmup_scale
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "partition", "reset_state", "snapshot", "apply_if_finite", "tensor_norms", "global_norm", "replace_where_",
     "clip_by_global_norm", "clip_per_layer", "adaptive_grad_clip", "unitwise_norm", "normalize_per_layer",
     "trust_ratio", "add_noise", "noise_std", "orthograd",
+    "dp_noise", "prune_gradients", "random_mask", "top_k", "quantize",
     "spam_clip", "momentum_reset", "warmup_scale", "spam", "ada_clip", "ada_norm", "stable_spam",
 ]
 

@@ -7,37 +7,21 @@ import math
 from ...config import (EncodeOptions, LayerSelection, RunOptions, check_choices, check_positive, config, csv_tuple,
                        group, option)
 
-__all__ = ["PrivacyConfig", "PROBES", "ATTACKS", "parse_defence", "DEFENCE_KINDS"]
+__all__ = ["PrivacyConfig", "PROBES", "ATTACKS", "parse_defence"]
 
 # leakage probes that need no optimisation (cheap, on by default) and the optimisation attacks (opt-in)
 PROBES = ("analytic", "labels", "tokens", "store")
 ATTACKS = ("dlg", "ig", "tag")
-DEFENCE_KINDS = ("none", "clip", "dp", "prune", "topk", "quantize")
 
 
 def parse_defence(spec: str) -> tuple[str, float | None]:
-    """``none`` | ``clip`` | ``dp:SIGMA`` | ``prune:FRACTION`` | ``topk:FRACTION`` | ``quantize:BITS`` ->
-    (kind, value)."""
-    kind, _, val = spec.partition(":")
-    if kind not in DEFENCE_KINDS:
-        raise ValueError(f"--defences: unknown defence {spec!r}; expected none, clip, dp:SIGMA, prune:FRACTION, "
-                         "topk:FRACTION or quantize:BITS")
-    if kind in ("none", "clip"):
-        if val:
-            raise ValueError(f"--defences: {kind!r} takes no value (got {spec!r})")
-        return kind, None
+    """`gradsight.privacy.defences.parse_defence`, its errors prefixed with the option's name."""
+    from ...privacy.defences import parse_defence as parse
+
     try:
-        v = float(val)
-    except ValueError:
-        raise ValueError(f"--defences: {spec!r} needs a number after the colon") from None
-    if kind == "dp" and not (math.isfinite(v) and v > 0):
-        raise ValueError(f"--defences: the noise multiplier of {spec!r} must be > 0 (got {v}); use 'clip' for "
-                         "clipping without noise")
-    if kind in ("prune", "topk") and not 0 < v < 1:
-        raise ValueError(f"--defences: the fraction of {spec!r} must be in (0, 1), got {v}")
-    if kind == "quantize" and not (v == int(v) and 1 <= v <= 16):
-        raise ValueError(f"--defences: the bits of {spec!r} must be an integer in 1..16, got {v}")
-    return kind, v
+        return parse(spec)
+    except ValueError as e:
+        raise ValueError(f"--defences: {e}") from None
 
 
 @config
@@ -62,8 +46,10 @@ class PrivacyConfig:
     batches_per_size: int = option(2, "batches audited at each batch size (taken from the data in order)")
     defences: tuple[str, ...] = option(("none", "clip", "dp:0.01", "dp:0.1", "dp:1"),
                                        "defences: none, clip (per-example clipping at C), dp:SIGMA (clipping plus "
-                                       "Gaussian noise sigma*C on the sum), prune:FRACTION (zero the smallest "
-                                       "gradients), topk:FRACTION (keep the largest), quantize:BITS")
+                                       "Gaussian noise sigma*C on the sum), dp-layer:SIGMA (per-layer clipping, "
+                                       "C_l = C/sqrt(L)), prune:P (zero the smallest fraction P), topk:P (keep the "
+                                       "largest), random:P (zero a random fraction), quantize:BITS, noise:SIGMA "
+                                       "(Gaussian noise without clipping)")
     clip_norm: float = option(0.0, "per-example clipping bound C (0: the median per-example gradient norm of each "
                                    "audited batch)")
     probes: tuple[str, ...] = option(PROBES, "leakage probes: analytic (first Linear layer's input), labels "

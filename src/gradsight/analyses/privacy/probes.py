@@ -58,28 +58,26 @@ def lookup_gradient_sum(G: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor |
     return out.index_add_(0, ids.reshape(-1), (G * w[..., None]).reshape(-1, d))
 
 
-def _transform(kind: str, val: float):
-    from ...transforms import privacy as tp
-
-    return {"prune": lambda: tp.prune_gradients(val), "topk": lambda: tp.top_k(val),
-            "quantize": lambda: tp.quantize(int(val))}[kind]()
-
-
 def defended_views(kind: str, val, plain: dict, clipped: dict | None, C: float, B: int,
                    gen: torch.Generator) -> dict:
-    """The batch-mean gradient an observer sees under one defence (dicts of new tensors)."""
+    """The batch-mean gradient an observer sees under one defence (dicts of new tensors).
+
+    plain / clipped: summed gradients (clipped: flat at C for clip / dp, per layer at C_l = C / sqrt(L) for
+    dp-layer, whose noise std is then sqrt(sum C_l^2) = C as well). Noise is drawn from `gen` in sorted name order."""
     if kind == "none":
         return {n: g / B for n, g in plain.items()}
     if kind == "clip":
         return {n: g / B for n, g in clipped.items()}
-    if kind == "dp":  # the DP-SGD release: (clipped sum + N(0, (sigma C)^2 I)) / B
+    if kind in ("dp", "dp-layer"):  # the DP-SGD release: (clipped sum + N(0, (sigma C)^2 I)) / B
         out = {}
         for n in sorted(clipped):
             g = clipped[n]
             z = torch.randn(g.shape, generator=gen, dtype=torch.float64).to(g.dtype)
             out[n] = (g + (val * C) * z) / B
         return out
-    tx = _transform(kind, val)
+    from ...privacy.defences import transform_for
+
+    tx = transform_for(kind, val, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
     grads = {n: g / B for n, g in plain.items()}
     grads, _ = tx.update(grads, tx.init(grads))
     return grads
@@ -131,10 +129,15 @@ def audit_batch(st: PrivState, u: Unit) -> tuple[list[dict], dict]:
     C = float(cfg.clip_norm) if cfg.clip_norm > 0 else float(norms.median())
     if not (math.isfinite(C) and C > 0):
         C = 1.0
-    clipped, coefs = None, None
+    clipped, coefs, layered, lcoefs = None, None, None, None
     if any(k in ("clip", "dp") for _, k, _ in st.defences):
         res, clipped, _ = _clipped_pass(st, batch, C, {})
-        coefs = res.coefs if res.coefs.dim() == 1 else None
+        coefs = res.coefs
+    if any(k == "dp-layer" for _, k, _ in st.defences):
+        live = [n for n, p in model.named_parameters() if p.requires_grad]
+        res, layered, _ = _clipped_pass(st, batch, {n: C / math.sqrt(len(live)) for n in live}, {})
+        emb_name = next((n for n, p in model.named_parameters() if emb is not None and p is emb.weight), None)
+        lcoefs = res.coefs[:, live.index(emb_name)] if emb_name in live else None
     gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + int(u.key))
     mask = batch.get("attention_mask") if isinstance(batch, dict) else None
     lookup = None
@@ -142,23 +145,25 @@ def audit_batch(st: PrivState, u: Unit) -> tuple[list[dict], dict]:
         ids, G = rec.inputs["embedding"], rec.grads["embedding"]
         V = emb.weight.shape[0]
         lookup = {"plain": lookup_gradient_sum(G, ids, mask, None, V),
-                  "clip": lookup_gradient_sum(G, ids, mask, coefs, V) if coefs is not None else None}
+                  "clip": lookup_gradient_sum(G, ids, mask, coefs, V) if coefs is not None else None,
+                  "layer": lookup_gradient_sum(G, ids, mask, lcoefs, V) if lcoefs is not None else None}
         true_ids = set(ids[mask.bool()].tolist()) if mask is not None else set(ids.reshape(-1).tolist())
 
     rows, tensors = [], {}
     for spec, kind, val in st.defences:
-        d = {**base, "defence": spec, "noise_multiplier": val if kind == "dp" else math.nan,
-             "clip_norm": C if kind in ("clip", "dp") else math.nan}
-        view = defended_views(kind, val, plain, clipped, C, B, gen)
+        d = {**base, "defence": spec, "noise_multiplier": val if kind in ("dp", "dp-layer", "noise") else math.nan,
+             "clip_norm": C if kind in ("clip", "dp", "dp-layer") else math.nan}
+        view = defended_views(kind, val, plain, layered if kind == "dp-layer" else clipped, C, B, gen)
         if not lm:
             rows += _module_probes(st, d, view, rec, first, last, batch, B, tensors, u.key, spec)
         elif lookup is not None and "tokens" in cfg.probes:
-            lk = defended_views(kind, val, {"e": lookup["plain"]}, {"e": lookup["clip"]} if lookup["clip"] is not None
-                                else None, C, B, gen)["e"]
+            lc = lookup["layer"] if kind == "dp-layer" else lookup["clip"]
+            lk = defended_views(kind, val, {"e": lookup["plain"]}, {"e": lc} if lc is not None else None, C, B,
+                                gen)["e"]
             from ...privacy.text import embedding_token_set, token_set_under_noise
 
-            if kind == "dp":
-                pred = token_set_under_noise(lk, val * C / B)
+            if kind in ("dp", "dp-layer", "noise"):  # threshold rows above the noise floor
+                pred = token_set_under_noise(lk, val * C / B if kind != "noise" else val)
             else:
                 pred = embedding_token_set(lk)
             rows.append({**d, "probe": "tokens", **_token_row(set(pred.tolist()), true_ids, src.tokenizer)})

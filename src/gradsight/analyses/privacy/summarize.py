@@ -5,8 +5,8 @@
                            n_found, sample (what was recovered, text) and truth; defence "stored" rows are the stored-artefact probe
     RUN/curves.parquet     recovery per (probe, defence, batch size, projection): mean and sd of each metric
                            over the audited batches
-    RUN/defences.parquet   each defence: noise multiplier, clip norm (median over batches), and for dp:SIGMA the
-                           epsilon at --delta of DP-SGD at --sample-rate for --epochs (Opacus' accountant; inf
+    RUN/defences.parquet   each defence: noise multiplier, clip norm (median over batches), and for dp:SIGMA and
+                           dp-layer:SIGMA the epsilon at --delta of DP-SGD at --sample-rate for --epochs (Opacus' accountant; inf
                            for defences without a formal guarantee)
     RUN/samples/*.safetensors   true inputs and reconstructions of the image probes, per batch and defence
 """
@@ -82,6 +82,7 @@ def defences_table(cfg, rec: pd.DataFrame, n_examples: int) -> pd.DataFrame:
     """Each defence with its formal guarantee: epsilon at delta for dp:SIGMA (DP-SGD with Poisson sampling at rate q
     for epochs/q steps), inf otherwise."""
     from ...privacy.accountant import epsilon
+    from ...privacy.defences import FORMAL
 
     q = cfg.sample_rate if cfg.sample_rate > 0 else min(1.0, max(cfg.batch_sizes) / n_examples)
     steps = max(1, int(math.ceil(cfg.epochs / q)))
@@ -91,12 +92,12 @@ def defences_table(cfg, rec: pd.DataFrame, n_examples: int) -> pd.DataFrame:
         sub = rec[rec["defence"] == spec] if not rec.empty else rec
         c = sub["clip_norm"].to_numpy(dtype=float) if len(sub) else np.array([])
         c = c[np.isfinite(c)]
-        eps = epsilon(val, q, steps, cfg.delta, accountant=cfg.accountant, n=n_examples) if kind == "dp" \
+        eps = epsilon(val, q, steps, cfg.delta, accountant=cfg.accountant, n=n_examples) if kind in FORMAL \
             else math.inf
         rows.append({"defence": spec, "kind": kind, "value": math.nan if val is None else float(val),
                      "clip_norm": float(np.median(c)) if c.size else math.nan, "sample_rate": float(q),
                      "steps": steps, "delta": float(cfg.delta), "accountant": cfg.accountant,
-                     "epsilon": float(eps), "formal": kind == "dp"})
+                     "epsilon": float(eps), "formal": kind in FORMAL})
     return pd.DataFrame(rows)
 
 
