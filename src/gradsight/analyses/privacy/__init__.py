@@ -23,9 +23,19 @@ from .config import PrivacyConfig
 __all__ = ["PrivacyConfig", "run_privacy", "privacy_of", "SPEC"]
 
 
+def _identity(cfg, source, plan) -> dict:
+    if source.kind != "module":
+        return {}
+    from ...inputs.module import data_hash
+
+    ev = source.extras.get("eval")
+    return {"eval_sha256": data_hash(list(ev)) if ev else ""}
+
+
 SPEC = register(Analysis(
     name="privacy",
     Config=PrivacyConfig,
+    identity=_identity,
     help="Gradient privacy audit: what the gradients of a batch reveal (analytic input and label recovery, the "
          "token set of text, gradsight's own stored features, optional DLG / Inverting Gradients / TAG attacks), "
          "plain and under defences (per-example clipping, DP-SGD noise with epsilon, pruning, top-k, "
@@ -49,11 +59,13 @@ def run_privacy(cfg: PrivacyConfig, out, *, model=None, tokenizer=None, records=
                   report=report, log=log)
 
 
-def privacy_of(model, loss, batches, out, *, groups=None, forward=None, name=None, progress: bool = False,
-               report: bool = False, log=print, **options):
+def privacy_of(model, loss, batches, out, *, eval_batches=None, groups=None, forward=None, name=None,
+               progress: bool = False, report: bool = False, log=print, **options):
     """The audit for any nn.Module on `batches` (its first Linear layer with a bias is the analytic probe's target,
-    its last Linear layer the label probe's)."""
+    its last Linear layer the label probe's). With ``utility_epochs > 0`` a copy of the model is trained on the
+    batches' rows under each defence and evaluated on `eval_batches` (default: the same batches, flagged
+    in-sample)."""
     from ...runs.api import run_module
 
     return run_module("privacy", model, loss, batches, out, groups=groups, forward=forward, name_in_report=name,
-                      progress=progress, report=report, log=log, **options)
+                      progress=progress, report=report, log=log, extras={"eval": eval_batches}, **options)

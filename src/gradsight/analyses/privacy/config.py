@@ -68,6 +68,10 @@ class PrivacyConfig:
     delta: float = option(1e-5, "delta of (epsilon, delta)-DP; must be < 1 / (number of examples)")
     accountant: str = option("rdp", "accountant for epsilon: rdp, prv or gdp (Opacus')",
                              choices=("rdp", "prv", "gdp"))
+    utility_epochs: float = option(0.0, "plain modules: train a copy of the model under each defence for this many "
+                                        "epochs of Poisson batches (DP-SGD for dp / dp-layer) and report its "
+                                        "accuracy on the eval batches (0: no utility training)")
+    utility_lr: float = option(0.5, "learning rate of the utility training (plain SGD, as DP-SGD)")
 
     def __post_init__(self):
         for name in ("defences", "probes", "attacks"):
@@ -93,6 +97,10 @@ class PrivacyConfig:
             raise ValueError(f"--sample-rate must be in (0, 1] (0: automatic), got {self.sample_rate}")
         if not (math.isfinite(self.epochs) and self.epochs > 0):
             raise ValueError(f"--epochs must be > 0, got {self.epochs}")
+        if not (math.isfinite(self.utility_epochs) and self.utility_epochs >= 0):
+            raise ValueError(f"--utility-epochs must be >= 0, got {self.utility_epochs}")
+        if not (math.isfinite(self.utility_lr) and self.utility_lr > 0):
+            raise ValueError(f"--utility-lr must be > 0, got {self.utility_lr}")
         if not 0 < self.delta < 1:
             raise ValueError(f"--delta must be in (0, 1), got {self.delta}")
         check_choices(self)

@@ -8,6 +8,8 @@
     RUN/defences.parquet   each defence: noise multiplier, clip norm (median over batches), and for dp:SIGMA and
                            dp-layer:SIGMA the epsilon at --delta of DP-SGD at --sample-rate for --epochs (Opacus' accountant; inf
                            for defences without a formal guarantee)
+    RUN/utility.parquet    with --utility-epochs (plain modules): each defence's accuracy and loss after training a
+                           copy of the model under it, with the epsilon of that training
     RUN/samples/*.safetensors   true inputs and reconstructions of the image probes, per batch and defence
 """
 
@@ -27,12 +29,18 @@ from .config import parse_defence
 __all__ = ["summarize", "finish", "result", "PrivacyResult", "curves", "defences_table", "METRICS"]
 
 METRICS = ("psnr", "cosine", "exact", "label_acc", "precision", "recall", "f1", "rouge1", "rouge2")
-OUT_TABLES = ("recovery", "curves", "defences")
+OUT_TABLES = ("recovery", "curves", "defences", "utility")
 
 
 def finish(plan, resumed: int) -> dict:
-    """Manifest fields: the number of audited examples (for epsilon's q and the delta check) and the notes."""
+    """Manifest fields: the number of audited examples (for epsilon's q and the delta check) and the notes; with
+    --utility-epochs (plain modules, rank 0) the utility training, written to RUN/utility.parquet."""
     st = plan.state
+    if st.cfg.utility_epochs > 0 and (plan.info is None or plan.info.is_main):
+        if st.source.kind == "module":
+            write_parquet(utility(st), Path(plan.run_dir) / "utility.parquet")
+        else:
+            st.say_once("--utility-epochs: the utility training runs on plain modules only; skipped")
     notes = list(st.notes)
     if st.source.kind == "lm":
         tied = _tied(st.source.model)
@@ -40,6 +48,54 @@ def finish(plan, resumed: int) -> dict:
             notes.append("tied input / output embeddings: the token probe reads the lookup's own gradient (an upper "
                          "bound on what the shared weight's gradient shows)")
     return {"privacy": {"n_examples": st.n_examples, "notes": notes}}
+
+
+def utility(st) -> pd.DataFrame:
+    """Each defence's accuracy cost: a copy of the model trained on every row of the run's batches for
+    --utility-epochs (Poisson batches at q, plain SGD at --utility-lr, `privacy.dpsgd.train_defended`; C =
+    --clip-norm or 1), then evaluated on the eval batches (`privacy_of(..., eval_batches=)`; default: the
+    training batches, flagged in_sample): accuracy for integer labels, and the mean loss."""
+    import copy
+
+    import torch
+
+    from ...inputs.module import row_losses, take_rows
+    from ...privacy.dpsgd import train_defended
+    from .compute import _cat
+
+    cfg, src = st.cfg, st.source
+    data = _cat(list(src.batches))
+    n = int(sum(int(torch.as_tensor(b[0] if isinstance(b, (list, tuple)) else next(iter(b.values()))).shape[0])
+                for b in src.batches))
+    q = cfg.sample_rate if cfg.sample_rate > 0 else min(1.0, max(cfg.batch_sizes) / n)
+    steps = max(1, int(math.ceil(cfg.utility_epochs / q)))
+    evals = src.extras.get("eval")
+    in_sample = not evals
+    evals = list(evals) if evals else list(src.batches)
+    rows = []
+    for spec in cfg.defences:
+        model = copy.deepcopy(src.model)
+        model.train(False)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        losses = row_losses(src.loss, src.forward)
+        out = train_defended(model, lambda idx, m=model: losses(m, take_rows(data, idx)), n, spec, steps=steps,
+                             sample_rate=q, lr=cfg.utility_lr, seed=cfg.seed, delta=cfg.delta,
+                             max_grad_norm=cfg.clip_norm or 1.0, accountant=cfg.accountant, log=st.say_once)
+        hit = tot = 0
+        loss_sum = 0.0
+        with torch.no_grad():
+            for b in evals:
+                o, y = src.forward(model, b)
+                loss_sum += float(losses(model, b).sum())
+                tot += int(o.shape[0])
+                if torch.is_tensor(y) and not y.is_floating_point():
+                    hit += int((o.argmax(-1) == y).sum())
+        rows.append({"defence": spec, "accuracy": hit / tot if tot else math.nan,
+                     "loss": loss_sum / tot if tot else math.nan, "epsilon": float(out["epsilon"]),
+                     "steps": steps, "sample_rate": q, "clip_norm": float(out["max_grad_norm"]),
+                     "epochs": float(cfg.utility_epochs), "in_sample": in_sample})
+    return pd.DataFrame(rows)
 
 
 def _tied(model) -> bool:
@@ -113,6 +169,8 @@ def summarize(run: Path | str, cfg=None, info=None) -> dict[str, pd.DataFrame]:
     out = {"recovery": rec, "curves": curves(rec), "defences": defences_table(cfg, rec, n)}
     for name, df in out.items():
         write_parquet(df, run / f"{name}.parquet")
+    if (run / "utility.parquet").exists():
+        out["utility"] = pd.read_parquet(run / "utility.parquet")
     return out
 
 
@@ -134,6 +192,10 @@ class PrivacyResult:
     @property
     def defences(self) -> pd.DataFrame | None:
         return self.tables.get("defences")
+
+    @property
+    def utility(self) -> pd.DataFrame | None:
+        return self.tables.get("utility")
 
     @property
     def manifest(self) -> dict:
