@@ -4,8 +4,10 @@
   headline metric of each probe (`headline_metric`): PSNR in dB for the image probes (analytic, DLG, Inverting
   Gradients), F1 of the recovered token set (tokens), ROUGE-1 F1 of the recovered sequences (TAG), label accuracy
   for iDLG labels.
-* `noise_figure`: the same metric against the noise multiplier sigma of the ``dp:SIGMA`` defences (log axis),
-  one line per batch size.
+* `noise_figure`: the same metric against the noise multiplier sigma of the formal defences (``dp:SIGMA``,
+  ``dp-layer:SIGMA``; `privacy.defences.FORMAL`) on a log axis, one line per (kind, batch size).
+* `utility_figure`: what each defence costs (utility.parquet): the accuracy of a model trained under it against
+  the epsilon of that training, the defences without a guarantee (epsilon = inf) in a "no guarantee" panel.
 * `stored_figure`: what gradsight's stored projected features reveal against the input-side projection size
   r_in (defence "stored" rows of recovery.parquet): cosine, exact, token precision and recall.
 * `png_data_uri` / `image_grid`: true vs recovered images (samples "UNIT/DEFENCE/PROBE/true|hat", d = a perfect
@@ -27,11 +29,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ...privacy.defences import FORMAL
 from ...report.kit import PALETTE, Subplots, figure, floats, fmt_num, ptext
 
 __all__ = ["IMAGE_PROBES", "TOKEN_PROBES", "SEQUENCE_PROBES", "LABEL_PROBES", "STORED", "headline_metric",
-           "metric_label", "defence_colors", "batch_figure", "noise_figure", "stored_figure", "png_data_uri",
-           "to_image", "psnr_word", "load_samples", "multiset_diff", "RANDOM_DB", "RECOGNISABLE_DB", "EXACT_DB"]
+           "metric_label", "defence_colors", "batch_figure", "noise_figure", "stored_figure", "utility_figure",
+           "utility_metric", "png_data_uri", "to_image", "psnr_word", "load_samples", "multiset_diff", "RANDOM_DB",
+           "RECOGNISABLE_DB", "EXACT_DB"]
 
 IMAGE_PROBES = ("analytic", "dlg", "ig")
 TOKEN_PROBES = ("tokens",)
@@ -160,39 +164,122 @@ def batch_figure(curves: pd.DataFrame | None, defences: list[str], colors: dict[
     return figure(traces, sp, 360 * sp.rows + 60)
 
 
+def _kind(defence: str) -> str:
+    return str(defence).partition(":")[0]
+
+
 def noise_figure(curves: pd.DataFrame | None, epsilons: dict[str, float]) -> dict | None:
-    """Recovery against the noise multiplier sigma of the dp:SIGMA defences (log axis), a line per batch size, a
-    panel per probe. Returns None without a dp defence."""
+    """Recovery against the noise multiplier sigma of the formal defences (``defences.FORMAL``: dp:SIGMA and
+    dp-layer:SIGMA; log axis), a line per (kind, batch size) -- colour = batch size, dash = kind -- and a panel
+    per probe. noise:SIGMA rows are left out: their sigma is a per-coordinate std, not a multiplier of C.
+    Returns None without a formal defence."""
     if curves is None or curves.empty:
         return None
-    c = curves[curves["defence"].astype(str).str.startswith("dp:") & curves["noise_multiplier"].notna()]
+    kinds = curves["defence"].astype(str).map(_kind)
+    c = curves[kinds.isin(FORMAL) & curves["noise_multiplier"].notna()].assign(kind=kinds)
     probes = _probe_panels(c)
     if not probes:
         return None
     sizes = sorted(set(int(b) for b in c["batch_size"]))
     colors = {b: PALETTE[i % len(PALETTE)] for i, b in enumerate(sizes)}
+    used = [x for x in FORMAL if x in set(c["kind"])]
+    dashes = {k: ("solid", "dash", "dot")[i % 3] for i, k in enumerate(used)}
+    symbols = {k: ("circle", "diamond", "square")[i % 3] for i, k in enumerate(used)}  # single points show no dash
     sp = Subplots([ptext(p) for p in probes], max_cols=min(3, len(probes)), hspace=0.07)
     traces, shown = [], set()
     for i, p in enumerate(probes):
         dp = c[c["probe"].astype(str) == p]
         metric = headline_metric(p, dp.iloc[0])
-        for b in sizes:
-            g = dp[dp["batch_size"] == b].sort_values("noise_multiplier", kind="stable")
-            if g.empty:
-                continue
-            eps = [fmt_num(epsilons.get(str(d), math.nan)) for d in g["defence"].astype(str)]
-            traces.append(dict(sp.refs(i), type="scatter", mode="lines+markers", x=floats(g["noise_multiplier"]),
-                               y=floats(g[f"{metric}_mean"]), error_y=_err(g[f"{metric}_sd"]),
-                               name=f"batch size {b}", legendgroup=f"b{b}", showlegend=b not in shown,
-                               marker={"color": colors[b], "size": 7}, line={"color": colors[b], "width": 2},
-                               customdata=[[e] for e in eps],
-                               hovertemplate=ptext(p) + f" · batch size {b}<br>σ = %{{x}} (ε = %{{customdata[0]}})"
-                               "<br>" + metric_label(metric) + " %{y:.4g}<extra></extra>"))
-            shown.add(b)
+        for k in dashes:
+            for b in sizes:
+                g = dp[(dp["batch_size"] == b) & (dp["kind"] == k)].sort_values("noise_multiplier", kind="stable")
+                if g.empty:
+                    continue
+                eps = [fmt_num(epsilons.get(str(d), math.nan)) for d in g["defence"].astype(str)]
+                name = f"{k}, batch size {b}"
+                traces.append(dict(sp.refs(i), type="scatter", mode="lines+markers", x=floats(g["noise_multiplier"]),
+                                   y=floats(g[f"{metric}_mean"]), error_y=_err(g[f"{metric}_sd"]), name=name,
+                                   legendgroup=name, showlegend=name not in shown,
+                                   marker={"color": colors[b], "size": 8, "symbol": symbols[k]},
+                                   line={"color": colors[b], "width": 2, "dash": dashes[k]},
+                                   customdata=[[e] for e in eps],
+                                   hovertemplate=ptext(p) + f" · {name}<br>σ = %{{x}} (ε = %{{customdata[0]}})"
+                                   "<br>" + metric_label(metric) + " %{y:.4g}<extra></extra>"))
+                shown.add(name)
         _metric_axes(sp, i, metric)
     _log_ticks(sp, sorted(set(float(x) for x in c["noise_multiplier"])),
                "noise multiplier σ (noise std σ·C on the clipped sum)")
     return figure(traces, sp, 360 * sp.rows + 60)
+
+
+def utility_metric(utility: pd.DataFrame) -> str:
+    """"accuracy" when the utility table has a finite accuracy (integer labels), else "loss"."""
+    return "accuracy" if np.isfinite(utility["accuracy"].to_numpy(dtype=float)).any() else "loss"
+
+
+def utility_figure(utility: pd.DataFrame | None, colors: dict[str, str]) -> dict | None:
+    """What each defence costs: the accuracy (the mean loss when no accuracy was measured) of the model trained
+    under it against the epsilon of that training. Left panel: the formal defences (finite epsilon, log axis),
+    a line per kind through its noise multipliers; right panel: the defences without a guarantee (epsilon = inf,
+    "no guarantee") as points on a category axis. Dotted: the undefended model ("none"). Both panels share the
+    y range, so a drop reads the same on either side.
+
+    Args:
+        utility: utility.parquet (defence, accuracy, loss, epsilon, ...); colors: defence -> colour.
+
+    Returns:
+        a plotly figure dict, or None without utility rows.
+    """
+    if utility is None or utility.empty:
+        return None
+    u = utility.assign(defence=utility["defence"].astype(str))
+    metric = utility_metric(u)
+    eps = u["epsilon"].to_numpy(dtype=float)
+    formal = u[u["defence"].map(_kind).isin(FORMAL).to_numpy() & np.isfinite(eps)]
+    rest = u.drop(index=formal.index)
+    panels = ([("formal", formal)] if len(formal) else []) + ([("none", rest)] if len(rest) else [])
+    titles = {"formal": "formal guarantee: against ε", "none": "no guarantee (ε = ∞)"}
+    sp = Subplots([titles[k] for k, _ in panels], max_cols=2, hspace=0.1)
+    label = "accuracy" if metric == "accuracy" else "mean loss (lower = better)"
+    hover = "<br>ε = %{customdata[0]}<br>" + label + " %{y:.4g}<extra></extra>"
+    traces = []
+    for i, (k, g) in enumerate(panels):
+        if k == "formal":
+            for kind in dict.fromkeys(g["defence"].map(_kind)):
+                h = g[g["defence"].map(_kind) == kind].sort_values("epsilon", kind="stable")
+                traces.append(dict(sp.refs(i), type="scatter", mode="lines+markers+text", x=floats(h["epsilon"]),
+                                   y=floats(h[metric]), name=ptext(kind), text=[ptext(d) for d in h["defence"]],
+                                   textposition="top center" if kind == "dp" else "bottom center",
+                                   customdata=[[fmt_num(e)] for e in h["epsilon"]],
+                                   marker={"color": [colors.get(d, "#000000") for d in h["defence"]], "size": 9},
+                                   line={"color": "#999999", "width": 1, "dash": "dot" if kind != "dp" else "solid"},
+                                   hovertemplate="%{text}" + hover))
+            sp.layout["xaxis" + ("" if i == 0 else str(i + 1))].update(
+                type="log", title={"text": "ε at δ of the training (lower = more private)"},
+                tickvals=floats(sorted(set(g["epsilon"]))), ticktext=[fmt_num(e) for e in sorted(set(g["epsilon"]))])
+        else:
+            traces.append(dict(sp.refs(i), type="scatter", mode="markers", x=[ptext(d) for d in g["defence"]],
+                               y=floats(g[metric]), name="no guarantee", customdata=[["∞"] for _ in range(len(g))],
+                               marker={"color": [colors.get(d, "#000000") for d in g["defence"]], "size": 10,
+                                       "symbol": "diamond"}, hovertemplate="%{x}" + hover))
+            sp.layout["xaxis" + ("" if i == 0 else str(i + 1))].update(type="category", title={"text": "defence"})
+    vals = u[metric].to_numpy(dtype=float)
+    vals = vals[np.isfinite(vals)]
+    if vals.size:
+        pad = max(0.01, 0.15 * float(vals.max() - vals.min()))
+        lo, hi = float(vals.min()) - pad, float(vals.max()) + pad
+        if metric == "accuracy":
+            lo, hi = max(0.0, lo), min(1.02, hi)
+        for ax in sp.axes("yaxis"):
+            ax.update(range=[lo, hi], title={"text": label})
+    base = u[u["defence"] == "none"][metric].to_numpy(dtype=float)
+    if base.size and np.isfinite(base[0]):
+        for i in range(len(panels)):
+            k = "" if i == 0 else str(i + 1)
+            sp.layout.setdefault("shapes", []).append(
+                {"type": "line", "xref": f"x{k} domain", "yref": f"y{k}", "x0": 0, "x1": 1, "y0": float(base[0]),
+                 "y1": float(base[0]), "line": {"color": "#999999", "dash": "dot", "width": 1}})
+    return figure(traces, sp, 380, showlegend=len(formal) > 0)
 
 
 def stored_figure(recovery: pd.DataFrame | None) -> dict | None:

@@ -1,9 +1,10 @@
 """The `privacy` page and terminal summary of a saved run: what an observer of the batch-mean gradient recovers,
 and what each defence buys.
 
-Reads the run directory only (manifest.json; recovery, curves and defences .parquet; samples/*.safetensors;
-manifest["privacy"]["notes"]) and recomputes nothing but means (curves.parquet is rebuilt from the recovery rows
-by `summarize.curves` when a run stopped before its summary). The page says what the numbers mean first:
+Reads the run directory only (manifest.json; recovery, curves, defences and the optional utility .parquet;
+samples/*.safetensors; manifest["privacy"]["notes"]) and recomputes nothing but means (curves.parquet is rebuilt
+from the recovery rows by `summarize.curves` when a run stopped before its summary). The page says what the
+numbers mean first:
 
     PSNR = 10 log10(range^2 / MSE) in dB between a true input and its matched reconstruction (higher = better
     reconstructed; about 8-12 dB is a random image, > 30 dB recognisable, > 80 dB exact to float precision);
@@ -12,9 +13,11 @@ by `summarize.curves` when a run stopped before its summary). The page says what
     recovered (multiset); epsilon of (epsilon, delta)-DP from Opacus' accountant (lower = more private; inf = no
     formal guarantee).
 
-then the defences with epsilon beside their headline recovery at the smallest batch size, the curves against
-batch size and noise multiplier, the stored-artefact leak against r_in, example reconstructions (inline PNG data
-URIs) and recovered token sets, the notes and the run.
+then the defences (each kind of `privacy.defences.KINDS` explained; epsilon only for `defences.FORMAL`) with
+epsilon beside their headline recovery at the smallest batch size and, with utility.parquet, what each costs: the
+accuracy of a model trained under it beside the epsilon of that training and the drop in points against "none",
+the curves against batch size and noise multiplier (dp and dp-layer rows), the stored-artefact leak against r_in,
+example reconstructions (inline PNG data URIs) and recovered token sets, the notes and the run.
 
 Escaping as on every page (`gradsight.report.kit`): jinja autoescaping for all user text (recovered and true
 tokens, labels, notes, defence names), `kit.ptext` before plotly, figures as script-safe JSON, no external URLs.
@@ -29,28 +32,38 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ...report.kit import (FigureRegistry, clip_text, finite, fmt_num, fmt_pct, isnan, order, out_path, read_table,
-                           render_page, report_path_line, run_context)
+from ...privacy.defences import FORMAL, KINDS
+from ...report.kit import (FigureRegistry, clip_text, finite, fmt_int, fmt_num, fmt_pct, isnan, order, out_path,
+                           read_table, render_page, report_path_line, run_context)
 from ...runs.store import read_manifest
 from .figures import (IMAGE_PROBES, SEQUENCE_PROBES, STORED, batch_figure, defence_colors, headline_metric,
                       load_samples, metric_label, multiset_diff, noise_figure, png_data_uri, psnr_word, stored_figure,
-                      to_image)
+                      to_image, utility_figure, utility_metric)
 
 __all__ = ["render", "print_summary", "run_findings", "build_context", "load_privacy", "PrivData",
            "privacy_findings", "defence_rows", "headline", "fmt_value", "fmt_eps", "image_examples",
-           "text_examples", "stored_rows", "DEFENCE_INFO"]
+           "text_examples", "stored_rows", "utility_rows", "fmt_drop", "DEFENCE_INFO", "DEFENCE_SPEC"]
 
 HERE = Path(__file__).parent  # the page template (privacy.html) lives next to this module
 MAX_SIZES = 3  # batch sizes with example reconstructions / token sets on the page
 MAX_IMAGES = 6  # images per example batch
 MAX_TEXT_ROWS = 80
-DEFENCE_INFO = {
+DEFENCE_SPEC = {"dp": "dp:σ", "dp-layer": "dp-layer:σ", "prune": "prune:P", "topk": "topk:P", "random": "random:P",
+                "quantize": "quantize:BITS", "noise": "noise:σ"}  # how a kind is written in --defences
+DEFENCE_INFO = {  # privacy.defences' kinds; only FORMAL ones (dp, dp-layer) have an epsilon
     "none": "no defence: the plain batch-mean gradient",
-    "clip": "per-example clipping at C, no noise",
-    "dp": "DP-SGD: per-example clipping at C plus Gaussian noise of std σ·C on the clipped sum",
-    "prune": "the smallest fraction of each gradient tensor zeroed",
-    "topk": "only the largest fraction of the gradient kept (global)",
-    "quantize": "per-tensor uniform quantisation to the given bits",
+    "clip": "per-example clipping at C, no noise (bounds each example's influence, hides nothing: no guarantee)",
+    "dp": "DP-SGD: each example's whole gradient clipped to norm C, Gaussian noise of std σ·C on the clipped sum "
+          "(formal (ε, δ) guarantee)",
+    "dp-layer": "DP-SGD with per-layer clipping: each parameter tensor clipped to its own bound (their root sum "
+                "of squares = C), noise of std σ·C on the clipped sum (formal guarantee; the same ε as dp at the "
+                "same σ)",
+    "prune": "the smallest fraction P of each gradient tensor's entries zeroed (DLG's defence; no guarantee)",
+    "topk": "only the largest fraction P of all gradient entries kept (sparsified updates; no guarantee)",
+    "random": "a random fraction P of the gradient entries zeroed (LAMP's masking defence; no guarantee)",
+    "quantize": "each gradient tensor uniformly quantised to BITS bits (no guarantee)",
+    "noise": "Gaussian noise of std σ on every coordinate of the averaged gradient, no clipping (LAMP's noise "
+             "defence; unbounded sensitivity, so no formal guarantee)",
 }
 
 
@@ -82,6 +95,8 @@ class PrivData:
         seen += [str(d) for d in self.cfg.get("defences") or []]
         if rec is not None:
             seen += [d for d in rec["defence"].astype(str) if d not in (STORED, "", "nan")]
+        if self.t("utility") is not None:
+            seen += list(self.t("utility")["defence"].astype(str))
         return list(dict.fromkeys(seen))
 
     @property
@@ -117,6 +132,8 @@ def load_privacy(run_dir: Path | str) -> PrivData:
     if tables["recovery"] is None:  # an unfinished run: its committed shards
         rec = read_recovery(run)
         tables["recovery"] = rec if len(rec) else None
+    upath = run / "utility.parquet"  # optional: written with --utility-epochs only
+    tables["utility"] = read_table(upath, notes, "utility table") if upath.exists() else None
     cpath = run / "curves.parquet"
     tables["curves"] = read_table(cpath, notes, "curves table") if cpath.exists() else None
     if tables["curves"] is None and tables["recovery"] is not None:  # older rows may lack newer columns
@@ -162,10 +179,12 @@ def headline(data: PrivData, defence: str, probe: str, batch_size: int) -> tuple
 
 
 def defence_rows(data: PrivData) -> list[dict]:
-    """One row per defence: its parameters, epsilon (accountant, q, steps, delta) and the headline recovery of
-    each probe at the smallest batch size."""
+    """One row per defence: its parameters, epsilon (accountant, q, steps, delta), the accuracy of the model
+    trained under it (utility.parquet, when present) and the headline recovery of each probe at the smallest
+    batch size."""
     dt = data.t("defences")
     info = {str(r["defence"]): r for r in dt.to_dict("records")} if dt is not None else {}
+    util = {r["defence"]: r for r in utility_rows(data)}
     b0 = data.batch_sizes[0] if data.batch_sizes else None
     rows = []
     for d in data.defences:
@@ -177,15 +196,56 @@ def defence_rows(data: PrivData) -> list[dict]:
             ex = row.get("exact_mean") if m == "psnr" else None
             cells.append({"probe": p, "metric": m, "value": fmt_value(m, v), "raw": v,
                           "word": psnr_word(v) if m == "psnr" else "",
-                          "exact": fmt_pct(ex) if finite(ex) else ""})
-        eps = r.get("epsilon", math.nan)
+                          "exact": fmt_pct(ex) if finite(ex) and ex > 0 else ""})  # 0% exact: no news
+        eps, u = r.get("epsilon", math.nan), util.get(d)
         rows.append({"defence": d, "kind": kind, "what": DEFENCE_INFO.get(kind, ""),
-                     "sigma": fmt_num(r.get("value")) if kind == "dp" else "–",
-                     "value": fmt_num(r.get("value")) if kind not in ("dp", "none", "clip") else "–",
+                     "sigma": fmt_num(r.get("value")) if kind in FORMAL else "–",
+                     "value": fmt_num(r.get("value")) if kind not in (*FORMAL, "none", "clip") else "–",
                      "clip": fmt_num(r.get("clip_norm")), "eps": fmt_num(eps) if r else "–", "eps_raw": eps,
-                     "formal": bool(r.get("formal", kind == "dp")), "accountant": str(r.get("accountant", "")),
+                     "utility": u["cell"] if u else "–", "short": u["short"] if u else "–",
+                     "formal": bool(r.get("formal", kind in FORMAL)), "accountant": str(r.get("accountant", "")),
                      "q": fmt_num(r.get("sample_rate")), "steps": fmt_num(r.get("steps")),
                      "delta": fmt_num(r.get("delta")), "delta_raw": r.get("delta"), "cells": cells})
+    return rows
+
+
+def fmt_drop(v, base, metric: str = "accuracy") -> str:
+    """The change against the undefended model: accuracy in percentage points ('-1.9 points'), loss as a
+    difference ('+0.064'); '–' when either is missing."""
+    if not (finite(v) and finite(base)):
+        return "–"
+    if metric == "accuracy":
+        pts = round(100.0 * (float(v) - float(base)), 1)
+        return f"{pts:+.1f} points" if pts else "0.0 points"
+    return f"{float(v) - float(base):+.3g}"
+
+
+def utility_rows(data: PrivData) -> list[dict]:
+    """What each defence costs (utility.parquet): the accuracy and mean loss of a copy of the model trained under
+    it, the change against "none" (accuracy drop in points = 100 (acc_defence - acc_none); the loss when the
+    labels are no classes), and the epsilon of that training (inf: no guarantee); [] without the table."""
+    u = data.t("utility")
+    if u is None or u.empty:
+        return []
+    metric = utility_metric(u)
+    recs = {str(r["defence"]): r for r in u.to_dict("records")}
+    base = recs.get("none", {}).get(metric, math.nan)
+    rows = []
+    for d in [x for x in data.defences if x in recs]:
+        r, kind = recs[d], d.partition(":")[0]
+        eps, v = r.get("epsilon", math.nan), r.get(metric, math.nan)
+        formal = kind in FORMAL and finite(eps)
+        drop = fmt_drop(v, base, metric) if d != "none" else "baseline"
+        main = fmt_pct(v) if metric == "accuracy" else fmt_num(v)
+        rows.append({"defence": d, "kind": kind, "what": DEFENCE_INFO.get(kind, ""), "metric": metric,
+                     "accuracy": fmt_pct(r.get("accuracy")), "loss": fmt_num(r.get("loss")), "value": main,
+                     "raw": float(v) if finite(v) else math.nan, "drop": drop, "eps": fmt_num(eps) if formal else "∞",
+                     "eps_raw": eps, "formal": formal,
+                     "cell": main if d == "none" or drop == "–" else f"{main} ({drop})",
+                     "short": main if d == "none" or drop == "–" else f"{main} ({drop.split()[0]})",
+                     "clip": fmt_num(r.get("clip_norm")) if finite(r.get("clip_norm")) else "–",
+                     "steps": fmt_int(r.get("steps")), "q": fmt_num(r.get("sample_rate")),
+                     "epochs": fmt_num(r.get("epochs")), "in_sample": bool(r.get("in_sample", False))})
     return rows
 
 
@@ -282,6 +342,27 @@ def _cell_text(c: dict) -> str:
     return f"{c['probe']}: {metric_label(c['metric'])} {c['value']}"
 
 
+def _cost_finding(data: PrivData, rows: list[dict]) -> dict | None:
+    """One line per trained defence: 'dp:1: accuracy 95.0% (-1.9 points) at ε = 9.111; analytic PSNR 6.29 dB
+    (...) at batch size 1' -- its accuracy cost, the epsilon of that training, and what it still lets through."""
+    util = utility_rows(data)
+    if not util:
+        return None
+    cells = {r["defence"]: [c for c in r["cells"] if c["value"] != "–"][:1] for r in rows}
+    b0 = data.batch_sizes[0] if data.batch_sizes else None
+    lines = []
+    for u in util:
+        what = "accuracy" if u["metric"] == "accuracy" else "loss"
+        drop = "the undefended baseline" if u["drop"] == "baseline" else \
+            (u["drop"] if u["metric"] == "accuracy" else f"{u['drop']} vs none")
+        guard = f"at ε = {u['eps']}" if u["formal"] else "with no formal guarantee"
+        leak = "".join(f"; {_cell_text(c)} at batch size {b0}" for c in cells.get(u["defence"], []))
+        lines.append(f"{u['defence']}: {what} {u['value']} ({drop}) {guard}{leak}.")
+    where = "on the training rows" if any(u["in_sample"] for u in util) else "on the eval rows"
+    return {"title": f"What each defence costs: the model trained under it for {util[0]['epochs']} epochs, "
+                     f"evaluated {where}", "lines": lines}
+
+
 def privacy_findings(data: PrivData) -> list[dict]:
     """Plain sentences from the tables; the first is the headline (the index page shows its first lines)."""
     out = []
@@ -297,6 +378,9 @@ def privacy_findings(data: PrivData) -> list[dict]:
             lines.append(f"{r['defence']} ({guard}): " + "; ".join(_cell_text(c) for c in cells) + ".")
         out.append({"title": f"What the batch-mean gradient reveals at batch size {sizes[0]} (the smallest audited)",
                     "lines": lines})
+    costs = _cost_finding(data, rows)
+    if costs:
+        out.append(costs)
     base = "none" if "none" in data.defences else (data.defences[0] if data.defences else None)
     if base is not None and len(sizes) > 1:
         lines = []
@@ -338,7 +422,7 @@ def build_context(data: PrivData) -> dict:
     eps = data.epsilons
     dt = data.t("defences")
     first = dt.iloc[0].to_dict() if dt is not None and len(dt) else {}
-    probes = data.probes
+    probes, util = data.probes, utility_rows(data)
     return {
         **run_context(man, data.run_dir),
         "title": f"gradsight privacy report: {(man.get('model') or {}).get('id') or data.run_dir.name}",
@@ -354,6 +438,12 @@ def build_context(data: PrivData) -> dict:
         "delta": fmt_num(first.get("delta", data.cfg.get("delta"))), "epochs": fmt_num(data.cfg.get("epochs")),
         "clip_cfg": data.cfg.get("clip_norm"),
         "defences": [dict(r, color=colors.get(r["defence"], "#000")) for r in defence_rows(data)],
+        "glossary": [{"kind": k, "spec": DEFENCE_SPEC.get(k, k), "what": DEFENCE_INFO[k], "formal": k in FORMAL,
+                      "used": k in {d.partition(":")[0] for d in data.defences}} for k in KINDS],
+        "utility": util, "has_utility": bool(util), "util_in_sample": any(u["in_sample"] for u in util),
+        "util_metric": util[0]["metric"] if util else "accuracy", "util_lr": fmt_num(data.cfg.get("utility_lr")),
+        "util_first": util[0] if util else {},
+        "fig_utility": reg.add("utility", utility_figure(data.t("utility"), colors)),
         "stored": stored_rows(data), "images": image_examples(data), "texts": text_examples(data),
         "fig_batch": reg.add("batch", batch_figure(data.t("curves"), data.defences, colors, eps)),
         "fig_noise": reg.add("noise", noise_figure(data.t("curves"), eps)),
@@ -369,8 +459,9 @@ def render(run_dir: Path | str, out: Path | str | None = None) -> Path:
 
 
 def print_summary(run_dir: Path | str, console=None) -> None:
-    """Print the defences (noise multiplier, clip norm, epsilon) with the headline recovery of each probe at the
-    smallest batch size, then the findings. User text is printed as rich ``Text``, never markup."""
+    """Print the defences (noise multiplier, clip norm, epsilon; the accuracy of the model trained under each when
+    the run has utility.parquet) with the headline recovery of each probe at the smallest batch size, then the
+    findings. User text is printed as rich ``Text``, never markup."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -386,13 +477,15 @@ def print_summary(run_dir: Path | str, console=None) -> None:
         b0 = data.batch_sizes[0] if data.batch_sizes else "?"
         t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
                   title=f"defences: epsilon (lower = more private) and recovery at batch size {b0}")
-        for c in ("defence", "σ", "clip C", "ε"):
+        util = utility_rows(data)
+        for c in ("defence", "σ", "clip C", "ε") + (("accuracy (Δ points)" if util[0]["metric"] == "accuracy"
+                                                    else "loss (Δ)",) if util else ()):
             t.add_column(c, justify="left" if c == "defence" else "right")
         for p in data.probes:
             t.add_column(Text(f"{p}: {metric_label(headline_metric(p))}"), justify="right")
         for r in rows:
             t.add_row(Text(r["defence"]), r["sigma"], r["clip"], r["eps"] if r["eps"] != "∞" else "∞ (none)",
-                      *[c["value"] for c in r["cells"]])
+                      *([r["short"]] if util else []), *[c["value"] for c in r["cells"]])
         console.print(t)
     for f in privacy_findings(data):
         console.print(Text(f["title"], style="bold cyan"))
