@@ -192,12 +192,14 @@ def test_the_tour_plan_covers_every_shipped_analysis():
     assert len(set(names)) == len(names) and "curvature/smollm2" in names
     assert names.index("geometry") < names.index("train") < names.index("curvature/digits")
     assert all(callable(s.run) and s.what for s in plan)
-    few = dict(geometry=False, curvature=False, importance=False)
+    few = dict(geometry=False, curvature=False, importance=False, privacy=False)
     assert {s.analysis for s in tour_plan(**few, attribution=False)} == {"layers", "train"}
     assert {s.analysis for s in tour_plan(**few, train=False)} == {"layers", "attribute"}
     assert {s.analysis for s in tour_plan(**few, train=False, attribution=False)} == {"layers"}
-    assert {s.analysis for s in tour_plan(geometry=False, curvature=False, train=False, attribution=False)} == {
-        "layers", "importance"}
+    assert {s.analysis for s in tour_plan(geometry=False, curvature=False, train=False, attribution=False,
+                                          privacy=False)} == {"layers", "importance"}
+    assert [s.name for s in tour_plan(**{**few, "privacy": True}, train=False, attribution=False)] == [
+        "layers", "privacy/digits", "privacy/smollm2"]
     assert "curvature/lm" in [s.name for s in tour_plan(model="some/dir")]
 
 
@@ -227,7 +229,7 @@ def test_demo_options_of_the_tour():
     params = {p.name: p for p in cmd.params}
     assert params["full"].default is False and params["n_problems"].default == 60
     assert params["geometry_problems"].default == 30 and params["curvature_problems"].default == 1
-    for flag in ("geometry", "train", "attribution", "importance", "curvature"):  # each part of the tour can be left out the same way
+    for flag in ("geometry", "train", "attribution", "importance", "privacy", "curvature"):  # each part of the tour can be left out the same way
         assert params[flag].default is True and params[flag].secondary_opts == [f"--no-{flag}"]
 
 
@@ -246,7 +248,8 @@ def test_the_tour_end_to_end_on_a_tiny_model(model_dir, tmp_path, monkeypatch):
     rows = index_rows(out)
     assert {r["analysis"] for r in rows} == _shipped() | {"train"} and all(r["finished"] for r in rows)
     assert sorted(r["path"] for r in rows) == sorted(
-        ["layers", "geometry", "attribution", "importance", "train", "curvature/digits", "curvature/lm", "landscape/digits-hessian-plane",
+        ["layers", "geometry", "attribution", "importance", "privacy/digits", "privacy/lm", "train", "curvature/digits",
+         "curvature/lm", "landscape/digits-hessian-plane",
          "landscape/digits-random-plane", "landscape/digits-interpolation"])
     for r in rows:
         assert r["key"] and r["key"]["lines"], r["path"]

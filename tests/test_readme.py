@@ -60,6 +60,12 @@ def test_python_examples_run(tmp_path, monkeypatch):
     assert len(ev) == 1 + 4 * 3 and ev["finite"].all() and (tmp_path / "runs" / "digits-prune" / "report.html").exists()
     f = ns["forget"]
     assert f.loc["retrain", "FA"] == 0.0 and f.loc["salun", "FA"] < f.loc["original", "FA"]
+    # privacy: the analytic probe recovers every single image exactly; each defence has its accuracy and epsilon
+    c = ns["audit"].curves
+    assert c.query("probe == 'analytic' and defence == 'none' and batch_size == 1")["exact_mean"].item() == 1.0
+    u = ns["audit"].utility.set_index("defence")
+    assert list(u.index) == ["none", "dp:0.1", "dp:1"] and u.loc["dp:1", "epsilon"] < u.loc["dp:0.1", "epsilon"]
+    assert 0 < ns["eps"] < float("inf") and (tmp_path / "runs" / "digits-privacy" / "report.html").exists()
 
 
 def test_documented_commands_parse():

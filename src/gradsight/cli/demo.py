@@ -37,6 +37,9 @@ def demo(
     importance: bool = typer.Option(True, help="also run the importance demo (OUT/importance: SmolLM2 pruned by "
                                                "magnitude, Wanda and GBLM, perplexity on held-out text; the tour "
                                                "only)"),
+    privacy: bool = typer.Option(True, help="also run the privacy audits (OUT/privacy/digits: leakage and the cost of "
+                                            "each defence on a digits MLP; OUT/privacy/smollm2: token recovery from "
+                                            "SmolLM2's gradients; the tour only)"),
     curvature: bool = typer.Option(True, help="also run the curvature and landscape demos (digits MLP spectrum "
                                               "and landscapes, SmolLM2 per-block top eigenvalues; the tour: the "
                                               "first and last block only)"),
@@ -64,7 +67,7 @@ def demo(
                 print_summary(path)
 
         runs = run_tour(out, model=model, geometry=geometry, train=train, curvature=curvature, attribution=attribution,
-                        importance=importance,
+                        importance=importance, privacy=privacy,
                         n_problems=n_problems if _given(ctx, "n_problems") else TOUR_PROBLEMS,
                         geometry_problems=geometry_problems if _given(ctx, "geometry_problems")
                         else TOUR_GEOMETRY_PROBLEMS, curvature_problems=curvature_problems,

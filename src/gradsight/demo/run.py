@@ -237,12 +237,13 @@ def tour_plan(model: str = LM, n_problems: int = TOUR_PROBLEMS, geometry: bool =
               curvature_problems: int = TOUR_CURVATURE_PROBLEMS, blocks: str = TOUR_BLOCKS,
               curvature_examples: int | None = TOUR_CURVATURE_EXAMPLES, train: bool = True,
               attribution: bool = True, attribution_problems: int = TOUR_ATTRIBUTION_PROBLEMS,
-              importance: bool = True) -> list[TourRun]:
+              importance: bool = True, privacy: bool = True) -> list[TourRun]:
     """The runs of the tour in order (nothing is loaded or run here; see the module docstring).
 
     geometry=False leaves out the geometry run; curvature=False the curvature and landscape runs (as
     ``--no-geometry`` and ``--no-curvature`` do in the full demo); train=False the fine-tuning run;
-    attribution=False the attribution run; importance=False the pruning run. `model` is
+    attribution=False the attribution run; importance=False the pruning run; privacy=False the two privacy audits.
+    `model` is
     used by every language-model run (layers, geometry, fine-tuning, SmolLM2 curvature); `blocks` selects the
     blocks of the SmolLM2 curvature run and `curvature_examples` caps its responses (None: all of its problems'
     three).
@@ -265,6 +266,18 @@ def tour_plan(model: str = LM, n_problems: int = TOUR_PROBLEMS, geometry: bool =
                             "calibration text: the last 3 blocks pruned to 50% (unstructured, 2:4) by magnitude, "
                             "Wanda and GBLM; perplexity on the held-out text",
                             lambda root, p: run_importance_demo(root / "importance", model, p).path))
+    if privacy:
+        from .privacy import DIGITS_DEFENCES, digits_privacy, lm_privacy
+
+        plan += [
+            TourRun("privacy/digits", "privacy", "digits MLP 64-32-10 (seed 0)", f"batches of 1, 4, 16 digits under {len(DIGITS_DEFENCES)} "
+                    "defences: analytic recovery, iDLG labels, Inverting Gradients, the projected-feature leak; "
+                    "accuracy of the MLP trained under each defence beside epsilon",
+                    lambda root, p: digits_privacy(root / "privacy" / "digits", p).path),
+            TourRun(f"privacy/{lm_name}", "privacy", model, "the token set of 2 problems' responses from the embedding "
+                    "gradient at batch 1 and 4, plain and under DP noise; what stored factors and projections reveal",
+                    lambda root, p: lm_privacy(root / "privacy" / lm_name, model, p).path),
+        ]
     if train:
         from .train import TRAIN_BATCH, TRAIN_BLOCKS, TRAIN_PROBLEMS, TRAIN_STEPS, fine_tune
 
@@ -297,7 +310,7 @@ def run_tour(out: str | Path = "runs/demo", *, model: str = LM, n_problems: int 
              curvature: bool = True, curvature_problems: int = TOUR_CURVATURE_PROBLEMS, blocks: str = TOUR_BLOCKS,
              curvature_examples: int | None = TOUR_CURVATURE_EXAMPLES, progress: bool = True,
              after: Callable[[TourRun, Path], None] | None = None, attribution: bool = True,
-             importance: bool = True) -> dict:
+             importance: bool = True, privacy: bool = True) -> dict:
     """Make every run of `tour_plan` under `out`, then OUT/index.html.
 
     A run directory that already holds the same run is reused (the engine resumes it; a finished run costs
@@ -314,7 +327,8 @@ def run_tour(out: str | Path = "runs/demo", *, model: str = LM, n_problems: int 
     t0 = time.perf_counter()
     runs: dict = {}
     for step in tour_plan(model, n_problems, geometry, geometry_problems, curvature, curvature_problems, blocks,
-                          curvature_examples, train=train, attribution=attribution, importance=importance):
+                          curvature_examples, train=train, attribution=attribution, importance=importance,
+                          privacy=privacy):
         runs[step.name] = step.run(out, progress)
         if after is not None:
             after(step, runs[step.name])
