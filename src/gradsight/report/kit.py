@@ -18,8 +18,9 @@ import html as _html
 import json
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 import pandas as pd
 
@@ -264,6 +265,29 @@ def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
     cols = max(1, min(max_cols, n))
     rows = max(1, math.ceil(n / cols))
     return rows, cols
+
+
+@dataclass
+class RunData:
+    """A run as read from disk by its report: manifest, tables (None when missing) and notes. Subclasses name the
+    manifest block of their analysis in `key` (`info` reads it)."""
+
+    run_dir: Path
+    manifest: dict
+    tables: dict
+    notes: list = field(default_factory=list)
+    key: ClassVar[str] = ""
+
+    def t(self, name: str) -> pd.DataFrame | None:
+        return self.tables.get(name)
+
+    @property
+    def info(self) -> dict:
+        return self.manifest.get(self.key) or {}
+
+    @property
+    def cfg(self) -> dict:
+        return self.manifest.get("config") or {}
 
 
 class Subplots:

@@ -16,13 +16,13 @@ reasons, notes), `kit.ptext` before plotly, figures as script-safe JSON, no exte
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ...report.kit import (FigureRegistry, clip_text, finite, fmt_int, fmt_num, fmt_pct, isnan, order, out_path,
+from ...report.kit import (RunData, FigureRegistry, clip_text, finite, fmt_int, fmt_num, fmt_pct, isnan, order, out_path,
                            read_table, render_page, report_path_line, run_context, skip_reason_counts)
 from ...runs.store import read_manifest
 from .figures import (allocation_summary, at, cfg_label, curve_figure, family, layer_labels, layer_order,
@@ -53,24 +53,10 @@ GROUPS = {"layer": "within each weight matrix", "row": "within each output row",
 
 
 @dataclass
-class ImpData:
-    """An importance run as read from disk: manifest, tables (None when missing) and notes."""
+class ImpData(RunData):
+    """An importance run as read from disk (`report.kit.RunData`: manifest, tables, notes; `info` = manifest["importance"])."""
 
-    run_dir: Path
-    manifest: dict
-    tables: dict
-    notes: list = field(default_factory=list)
-
-    def t(self, name: str) -> pd.DataFrame | None:
-        return self.tables.get(name)
-
-    @property
-    def info(self) -> dict:
-        return self.manifest.get("importance") or {}
-
-    @property
-    def cfg(self) -> dict:
-        return self.manifest.get("config") or {}
+    key = "importance"
 
     @property
     def is_lm(self) -> bool:

@@ -26,14 +26,14 @@ tokens, labels, notes, defence names), `kit.ptext` before plotly, figures as scr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ...privacy.defences import FORMAL, KINDS
-from ...report.kit import (FigureRegistry, clip_text, finite, fmt_int, fmt_num, fmt_pct, isnan, order, out_path,
+from ...report.kit import (RunData, FigureRegistry, clip_text, finite, fmt_int, fmt_num, fmt_pct, isnan, order, out_path,
                            read_table, render_page, report_path_line, run_context)
 from ...runs.store import read_manifest
 from .figures import (IMAGE_PROBES, SEQUENCE_PROBES, STORED, batch_figure, defence_colors, headline_metric,
@@ -68,24 +68,10 @@ DEFENCE_INFO = {  # privacy.defences' kinds; only FORMAL ones (dp, dp-layer) hav
 
 
 @dataclass
-class PrivData:
-    """A privacy run as read from disk: manifest, tables (None when missing) and notes."""
+class PrivData(RunData):
+    """A privacy run as read from disk (`report.kit.RunData`: manifest, tables, notes; `info` = manifest["privacy"])."""
 
-    run_dir: Path
-    manifest: dict
-    tables: dict
-    notes: list = field(default_factory=list)
-
-    def t(self, name: str) -> pd.DataFrame | None:
-        return self.tables.get(name)
-
-    @property
-    def info(self) -> dict:
-        return self.manifest.get("privacy") or {}
-
-    @property
-    def cfg(self) -> dict:
-        return self.manifest.get("config") or {}
+    key = "privacy"
 
     @property
     def defences(self) -> list[str]:
