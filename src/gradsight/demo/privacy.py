@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 __all__ = ["digits_privacy", "lm_privacy", "DIGITS_DEFENCES"]
 
@@ -26,16 +25,13 @@ def digits_privacy(out: str | Path, progress: bool = True, *, batch_sizes=(1, 4,
                    attack_iters: int = 200, utility_epochs: float = 10.0, seed: int = 0):
     """The digits audit (see the module docstring); returns the PrivacyResult."""
     from ..analyses.privacy import privacy_of
-    from sklearn.datasets import load_digits
+    from ..privacy.digits import digits_net, load_digits01
 
-    X, y = load_digits(return_X_y=True)  # pixel intensities 0..16, scaled to [0, 1] as the attacks assume
-    X = torch.tensor(X / 16.0, dtype=torch.float64)
-    y = torch.tensor(y, dtype=torch.long)
+    X, y = load_digits01()  # pixel intensities scaled to [0, 1], as the attacks assume
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(y), generator=g)
     tr, te = perm[:1257], perm[1257:]
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).double().eval()
+    net = digits_net("relu", seed=seed)
     train = [(X[tr[i:i + 64]], y[tr[i:i + 64]]) for i in range(0, len(tr), 64)]
     test = [(X[te], y[te])]
     return privacy_of(net, "cross_entropy", train, out, eval_batches=test, name="digits MLP 64-32-10",
