@@ -72,7 +72,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/gaprune.py
 	$(BIN)/python benchmarks/unlearning.py
 	$(BIN)/python benchmarks/privacy_dpsgd.py
-	$(BIN)/python benchmarks/privacy_attacks.py
+	$(BIN)/python benchmarks/privacy_attacks.py --jobs 2 --dlg-iters 50 --ig-iters 1000
 	$(BIN)/python benchmarks/privacy_text.py
 
 clean:
