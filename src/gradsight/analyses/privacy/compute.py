@@ -34,7 +34,7 @@ from ...runs.registry import Plan, Unit
 from ...runs.store import Tensors
 from .config import parse_defence
 
-__all__ = ["setup", "compute", "PrivState", "COLUMNS", "usable_examples"]
+__all__ = ["setup", "compute", "PrivState", "COLUMNS", "usable_examples", "cat_batches", "make_batch", "lm_losses"]
 
 # every recovery row has these columns (NaN / 0 / "" where a probe does not measure it)
 COLUMNS = {"unit": 0, "batch_size": 0, "batch": 0, "defence": "", "noise_multiplier": math.nan,
@@ -110,14 +110,15 @@ def lm_losses(model) -> Callable:
 
 # ------------------------------------------------------------------------------------------------ batches
 
-def _cat(parts: list):
+def cat_batches(parts: list):
+    """Batches (tensors, or dicts / tuples of them) concatenated row-wise."""
     first = parts[0]
     if isinstance(first, torch.Tensor):
         return torch.cat(parts, dim=0)
     if isinstance(first, dict):
-        return {k: _cat([p[k] for p in parts]) for k in first}
+        return {k: cat_batches([p[k] for p in parts]) for k in first}
     if isinstance(first, (list, tuple)):
-        return type(first)(_cat([p[i] for p in parts]) for i in range(len(first)))
+        return type(first)(cat_batches([p[i] for p in parts]) for i in range(len(first)))
     return first
 
 
@@ -127,7 +128,7 @@ def make_batch(st: PrivState, members: list[Unit]):
     if src.kind == "lm":
         return collate_units([u.payload[1] for u in members], src.pad_id, src.device)
     parts = [take_rows(src.batches[u.payload["batch"]], torch.tensor([u.payload["row"]])) for u in members]
-    return _cat(parts)
+    return cat_batches(parts)
 
 
 def input_embedding(model: nn.Module) -> nn.Module | None:
@@ -142,32 +143,6 @@ def first_last_linear(model: nn.Module) -> tuple[tuple[str, nn.Linear] | None, t
     lins = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     first = next(((n, m) for n, m in lins if m.bias is not None), None)
     return first, (lins[-1] if lins else None)
-
-
-class _Recorder:
-    """Forward hooks that keep a module's input and (for a grad-requiring output) its output gradient."""
-
-    def __init__(self, modules: dict[str, nn.Module]):
-        self.modules = modules
-        self.inputs: dict[str, torch.Tensor] = {}
-        self.grads: dict[str, torch.Tensor] = {}
-        self.handles = []
-
-    def __enter__(self):
-        for name, m in self.modules.items():
-            def hook(mod, args, out, _n=name):
-                if torch.is_tensor(args[0]):
-                    self.inputs[_n] = args[0].detach()
-                if torch.is_tensor(out) and out.requires_grad:
-                    out.register_hook(lambda g, _k=_n: self.grads.__setitem__(_k, g.detach()))
-                return None
-
-            self.handles.append(m.register_forward_hook(hook))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
 
 
 # ------------------------------------------------------------------------------------------------- compute

@@ -20,9 +20,35 @@ import torch
 from torch import nn
 
 from ...runs.registry import Unit
-from .compute import PrivState, _Recorder, first_last_linear, input_embedding, make_batch
+from .compute import PrivState, first_last_linear, input_embedding, make_batch
 
 __all__ = ["audit_batch", "defended_views", "lookup_gradient_sum"]
+
+
+class _Recorder:
+    """Forward hooks that keep a module's input and (for a grad-requiring output) its output gradient."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules = modules
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}
+        self.handles = []
+
+    def __enter__(self):
+        for name, m in self.modules.items():
+            def hook(mod, args, out, _n=name):
+                if torch.is_tensor(args[0]):
+                    self.inputs[_n] = args[0].detach()
+                if torch.is_tensor(out) and out.requires_grad:
+                    out.register_hook(lambda g, _k=_n: self.grads.__setitem__(_k, g.detach()))
+                return None
+
+            self.handles.append(m.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
 
 
 def _clipped_pass(st: PrivState, batch, C: float, watch: dict):

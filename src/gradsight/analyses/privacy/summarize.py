@@ -61,10 +61,10 @@ def utility(st) -> pd.DataFrame:
 
     from ...inputs.module import row_losses, take_rows
     from ...privacy.dpsgd import train_defended
-    from .compute import _cat
+    from .compute import cat_batches
 
     cfg, src = st.cfg, st.source
-    data = _cat(list(src.batches))
+    data = cat_batches(list(src.batches))
     n = int(sum(int(torch.as_tensor(b[0] if isinstance(b, (list, tuple)) else next(iter(b.values()))).shape[0])
                 for b in src.batches))
     q = cfg.sample_rate if cfg.sample_rate > 0 else min(1.0, max(cfg.batch_sizes) / n)
