@@ -19,6 +19,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from ...capture.grads import FactoredGrad
 from ...runs.registry import Unit
 from .compute import PrivState, first_last_linear, input_embedding, make_batch
 
@@ -146,6 +147,9 @@ def audit_batch(st: PrivState, u: Unit) -> tuple[list[dict], dict]:
     emb = input_embedding(model) if lm else None
     first, last = first_last_linear(model) if not lm else (None, None)
     watch = {k: m for k, m in (("embedding", emb), ("first", first and first[1])) if m is not None}
+    layer = stored_layer(st) if lm and "store" in st.cfg.probes else None
+    if layer is not None:  # the store probe reads this layer's factors from the same pass
+        watch["stored"] = dict(model.named_modules())[layer]
 
     res0, plain, rec = _clipped_pass(st, batch, math.inf, watch)
     norms = res0.norms
@@ -288,11 +292,13 @@ def _store_rows(st, base, batch, rec, first, lm) -> list[dict]:
                          "exact": float(r["rel_err"] < 1e-5), "n_true": 1, "n_found": 1})
         return rows
     layer = stored_layer(st)
-    if layer is None:
+    if layer is None or "stored" not in rec.grads:
         st.say_once("store probe skipped: no block-0 attention projection (q/k/v_proj after an RMSNorm) to probe")
         return rows
-    one = {k: v[:1] for k, v in batch.items()}
-    for r in lm_store_probe(st.source.model, st.losses, one, layer, cfg.projection_sizes, seed=cfg.seed):
+    mask = batch["attention_mask"][:1].bool()
+    fg = FactoredGrad(A=rec.inputs["stored"][:1], G=rec.grads["stored"][:1], tokens=mask)
+    for r in lm_store_probe(st.source.model, fg, batch["input_ids"][0][mask[0]], layer, cfg.projection_sizes,
+                            seed=cfg.seed):
         rows.append({**d, "probe": r["probe"], "projection": int(r["r_in"]),
                      **_token_row(r["pred"], r["true"], st.source.tokenizer), "exact": r["exact"]})
     return rows
@@ -314,23 +320,20 @@ def stored_layer(st: PrivState) -> str | None:
     return names[0]
 
 
-def lm_store_probe(model: nn.Module, losses, one: dict, layer: str, sizes, *, seed: int = 0,
+def lm_store_probe(model: nn.Module, fg: FactoredGrad, true_ids: torch.Tensor, layer: str, sizes, *, seed: int = 0,
                    r_out: int = 16) -> list[dict]:
     """Token recovery from what gradsight stores for ONE example at a block-0 attention projection: the factor A_e
     (its inputs: `store.factor_token_recovery`) and the projected feature P_out G_e^T A_e P_in^T at each r_in
     (`store.projected_token_recovery`: candidates whose projected input lies in the feature's row space).
+
+    Args:
+        fg: the example's factors at `layer` (A (1, T, d_in), G (1, T, d_out), tokens (1, T)), as a capture of the
+            audited pass records them; true_ids: its T' real token ids.
     Returns rows {probe, r_in, pred (set), true (set), exact}."""
-    from ...capture import capture
     from ...measures.projection import ProjectionSpec, Projector
     from ...privacy import store
 
-    mask = one["attention_mask"].bool()
-    with capture(model, [layer]) as tape:
-        tape.set_tokens(mask)
-        losses(model, one).sum().backward()
-        fg = tape.grads()[layer]
-    m = mask[0]
-    true_ids = one["input_ids"][0][m]
+    m = fg.tokens[0].bool()
     T = int(m.sum())
     pred = store.factor_token_recovery(fg.A[0][m], model)
     rows = [{"probe": "factors", "r_in": 0, "pred": set(pred.tolist()), "true": set(true_ids.tolist()),
